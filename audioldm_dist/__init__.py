@@ -1,0 +1,1 @@
+"""audioldm-dist: cluster-scale training of AudioLDM-style text-to-audio latent diffusion models."""

@@ -1,0 +1,171 @@
+"""Typed experiment configuration: one dataclass per section, loaded from YAML with `--set` overrides.
+
+Unknown keys are a `ValueError` that names the key and the allowed ones, so a typo fails at start-up
+instead of hours into a run. Later sections (model, diffusion, training) are added here as the code
+that reads them lands.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass(kw_only=True)
+class AudioConfig:
+    """How a clip becomes the waveform the model sees (the original `preprocessing.audio/stft/mel`)."""
+
+    sampling_rate: int = 16000
+    """Target sample rate in Hz; shards are written at this rate."""
+    duration: float = 10.24
+    """Length of the training crop in seconds."""
+    filter_length: int = 1024
+    """STFT n_fft."""
+    hop_length: int = 160
+    win_length: int = 1024
+    n_mel_channels: int = 64
+    mel_fmin: float = 0.0
+    mel_fmax: float = 8000.0
+
+    def __post_init__(self) -> None:
+        if self.sampling_rate <= 0:
+            raise ValueError(f"audio.sampling_rate must be positive, got {self.sampling_rate}")
+        if self.duration <= 0:
+            raise ValueError(f"audio.duration must be positive, got {self.duration}")
+        if self.mel_fmax > self.sampling_rate / 2:
+            raise ValueError(
+                f"audio.mel_fmax={self.mel_fmax} is above the Nyquist frequency {self.sampling_rate / 2}"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in one crop at the target rate (163,840 for 10.24 s at 16 kHz)."""
+        return int(self.sampling_rate * self.duration)
+
+    @property
+    def num_frames(self) -> int:
+        """Spectrogram frames in one crop (1024 for 10.24 s at hop 160)."""
+        return int(self.num_samples / self.hop_length)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Which datasets to read, in the original `metadata_root` / `data` form."""
+
+    metadata_root: str = "./data/dataset/metadata/dataset_root.json"
+    """The `dataset_root.json` that registers every dataset."""
+    train: list[str] = field(default_factory=lambda: ["audiocaps"])
+    val: str = "audiocaps"
+    test: str = "audiocaps"
+    class_label_indices: str = "audioset_eval_subset"
+    """Dataset whose `class_labels_indices.csv` defines the label vector."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """The whole experiment."""
+
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML file (or the defaults when `path` is None) and applies `key.sub=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, found {type(loaded).__name__}")
+        raw = loaded
+        source = str(path)
+    for override in overrides:
+        _apply_override(raw, override)
+    return from_dict(Config, raw, where=source)
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ValueError(f"override {override!r}: expected KEY=VALUE, e.g. audio.duration=5.12")
+    dotted, value_text = override.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {override!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(value_text)
+
+
+def from_dict(cls: type, raw: dict[str, Any], *, where: str) -> Any:
+    """Builds dataclass `cls` from `raw`, checking every key and coercing YAML scalars to field types."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping for {cls.__name__}, found {raw!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in allowed:
+            raise ValueError(
+                f"{where}: unknown key {key!r} in {cls.__name__}; allowed: {', '.join(sorted(allowed))}"
+            )
+        kwargs[key] = _coerce(hints[key], value, where=f"{where}:{key}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, *, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value or {}, where=where)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, where=where)
+            except ValueError:
+                continue
+        raise ValueError(f"{where}: {value!r} does not match {hint}")
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(item_type, item, where=f"{where}[{i}]") for i, item in enumerate(items)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, found {value!r}")
+        return dict(value)
+    if hint is typing.Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true or false, found {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, found {value!r}")
+        if hint is int and float(value) != int(value):
+            raise ValueError(f"{where}: expected an integer, found {value!r}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{where}: expected a string, found {value!r}")
+        return str(value)
+    return value
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data, for checkpoints and manifests."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,1 @@
+"""Data: metadata, audio, features, the shard schema and the streaming pipeline."""

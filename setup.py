@@ -1,0 +1,30 @@
+"""Installs the `audioldm_dist` library, the `shards` tool and the `make-shards` console script."""
+from setuptools import find_packages, setup
+
+setup(
+    name="audioldm-dist",
+    version="0.1.0",
+    description="Cluster-scale training of AudioLDM-style text-to-audio latent diffusion models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["audioldm_dist", "audioldm_dist.*", "shards", "shards.*", "launch"]),
+    install_requires=[
+        "torch>=2.4",
+        "torchaudio>=2.4",
+        "webdataset>=0.2.86",
+        "soundfile>=0.12",
+        "numpy>=1.24",
+        "deepspeed>=0.15",
+        "transformers>=4.40",
+        "tokenizers>=0.19",
+        "submitit>=1.5",
+        "wandb>=0.17",
+        "tqdm>=4.66",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "xformers": ["xformers>=0.0.27"],
+        "laion": ["laion-clap>=1.1.4"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["make-shards=shards.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""make-shards: AudioLDM dataset_root.json splits → verified WebDataset shards."""
