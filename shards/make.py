@@ -93,13 +93,9 @@ def _check_output_folder(out_dir: Path, *, options: ShardOptions, source: dict, 
     atomic_write_bytes(options_path, json.dumps(wanted, sort_keys=True, indent=1).encode())
 
 
-def _map(pool: mp.pool.Pool | None, function: Callable, items: Iterable, *, unordered: bool = False,
-         chunksize: int = 1) -> Iterable:
-    if pool is None:
-        return map(function, items)
-    if unordered:
-        return pool.imap_unordered(function, items, chunksize=chunksize)
-    return pool.imap(function, items, chunksize=chunksize)
+def _map(pool: mp.pool.Pool | None, function: Callable, items: Iterable, *, chunksize: int = 1) -> Iterable:
+    """In order, in the pool when there is one."""
+    return map(function, items) if pool is None else pool.imap(function, items, chunksize=chunksize)
 
 
 def make_shards(*, metadata_root: str | Path, dataset: str, split: str, out_dir: str | Path,
@@ -117,6 +113,7 @@ def make_shards(*, metadata_root: str | Path, dataset: str, split: str, out_dir:
     ordered = order_entries(entries, options)
 
     context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["shards.make"])  # torch is imported once, in the fork server
     queue = context.Queue() if workers > 1 else None
     pool = context.Pool(workers, initializer=_init_worker, initargs=(queue,)) if workers > 1 else None
     try:

@@ -51,7 +51,7 @@ class ShardRecord:
 class _HashingWriter(io.RawIOBase):
     """A write-only file wrapper that hashes what passes through (tarfile needs write and tell)."""
 
-    def __init__(self, handle: io.BufferedWriter) -> None:
+    def __init__(self, handle: io.RawIOBase) -> None:
         self._handle = handle
         self.sha256 = hashlib.sha256()
         self.num_bytes = 0
@@ -131,9 +131,11 @@ def write_shard(spec: ShardSpec, *, out_dir: Path, options: ShardOptions, labels
     failures: list[Failure] = []
     num_samples = 0
     seconds = 0.0
-    with open(tmp_path, "wb") as handle:
+    with open(tmp_path, "wb", buffering=0) as handle:
         hashing = _HashingWriter(handle)
-        with tarfile.open(fileobj=hashing, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+        # The buffer hands the hashing writer large chunks instead of tarfile's many small writes.
+        buffered = io.BufferedWriter(hashing, buffer_size=1 << 22)
+        with tarfile.open(fileobj=buffered, mode="w", format=tarfile.USTAR_FORMAT) as archive:
             for sample in spec.samples:
                 try:
                     members, sample_seconds = encode_sample(sample, options, labels)
@@ -151,7 +153,7 @@ def write_shard(spec: ShardSpec, *, out_dir: Path, options: ShardOptions, labels
                     seconds += sample_seconds
                 if progress is not None:
                     progress(1, sample_seconds)
-        handle.flush()
+        buffered.flush()
         os.fsync(handle.fileno())
     os.replace(tmp_path, final_path)
     fsync_dir(out_dir)

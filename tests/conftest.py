@@ -1,0 +1,36 @@
+"""Shared fixtures: a small demo dataset written once per session, and shards made from it."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from audioldm_dist.demo_data import write_demo_dataset
+from shards.make import make_shards
+from shards.plan import ShardOptions
+
+NUM_DEMO_CLIPS = 40
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`dataset_root.json` of a 40-clip demo dataset (32 train / 4 val / 4 test)."""
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"), num_clips=NUM_DEMO_CLIPS, seed=0)
+
+
+@pytest.fixture
+def demo_copy(demo_root: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo dataset that a test may damage; returns its dataset_root.json."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(demo_root.parent.parent, data_dir)
+    return data_dir / "metadata" / "dataset_root.json"
+
+
+@pytest.fixture(scope="session")
+def train_shards(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo train split as shards of at most 6 samples."""
+    out = tmp_path_factory.mktemp("shards") / "train"
+    make_shards(metadata_root=demo_root, dataset="demo", split="train", out_dir=out,
+                options=ShardOptions(max_count=6), workers=1, show_progress=False)
+    return out
