@@ -1,0 +1,332 @@
+"""The streaming loader: WebDataset shards → AudioLDM batches, split over ranks and workers, resumable.
+
+Which consumer reads which samples in which order is decided in `stream_plan` (read its docstring for
+the guarantees). This module does the I/O: it streams each consumer's segments of tar files (local
+paths or `pipe:` commands, through webdataset's `gopen`), passes the raw samples through the seeded
+shuffle buffer, decodes after the buffer, and yields ready batches; the DataLoader is used with
+`batch_size=None`. Faults never stop the run: a sample that fails to decode is replaced in its batch by
+another sample of the same batch, an unreadable tar member or a missing/truncated shard turns the rest
+of that shard's segment into placeholders that are skipped the same way, so every rank still yields
+the same number of batches (no hang). All of it is counted, with rate-limited warnings; the loader
+stops with an error only when the failed fraction exceeds `max_failed_fraction`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tarfile
+import time
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+
+from audioldm_dist.config import AudioConfig
+from audioldm_dist.data import schema
+from audioldm_dist.data.audio import AudioDecodeError, decode
+from audioldm_dist.data.batch import collate, make_sample, padding_sample
+from audioldm_dist.data.features import MelFeatures
+from audioldm_dist.data.metadata import LabelIndex
+from audioldm_dist.data.sources import ShardInfo, shards_fingerprint
+from audioldm_dist.data.stream_plan import (Plan, Segment, StreamState, consumed_items, consumer_rng, epoch_segments,
+                                            make_plan, shuffled, subtract, worker_batches)
+
+log = logging.getLogger(__name__)
+
+Item = tuple[int, int, dict | None]  # (shard id, index in shard, raw members or None when unreadable)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamOptions:
+    batch_size: int
+    """Samples per batch on one rank (the micro-batch)."""
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    """DataLoader workers of each rank; 0 reads in the main process."""
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 256
+    drop_last: bool = True
+    """Training: drop the epoch's last partial global batch. Evaluation (False): pad and mark `valid`."""
+    max_epochs: int | None = None
+    """Stop after this many epochs (evaluation: 1); None streams forever."""
+    max_failed_fraction: float = 0.05
+    allow_shard_sharing: bool = False
+    """Allow fewer shards than ranks × workers: consumers then share shards, each reading past the part
+    before its range."""
+
+    @property
+    def consumers_per_rank(self) -> int:
+        return max(1, self.num_workers)
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        return (self.world_size, self.consumers_per_rank, self.batch_size)
+
+
+class _RateLimitedWarnings:
+    """The first 10 warnings of a process, then one every 100: a bad shard must not flood the log."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, message: str, *args) -> None:
+        self.count += 1
+        if self.count <= 10 or self.count % 100 == 0:
+            log.warning(message + (" (warning %d)" % self.count if self.count > 10 else ""), *args)
+
+
+_warn = _RateLimitedWarnings()
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is the member name up to the first dot of its base name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension
+
+
+def read_segment(url: str, start: int, end: int) -> Iterator[tuple[int, dict | None]]:
+    """Samples `start..end-1` of one tar as raw members; placeholders (None) where the tar fails."""
+    next_index = start
+    stream = None
+    try:
+        stream = gopen(url, "rb")
+        index, key, members = -1, None, {}
+        with tarfile.open(fileobj=stream, mode="r|*") as archive:
+            for member in archive:
+                if not member.isfile():
+                    continue
+                member_key, extension = _split_key(member.name)
+                if member_key != key:
+                    if key is not None and index >= start:
+                        yield index, members
+                        next_index = index + 1
+                    index, key, members = index + 1, member_key, {}
+                    if index >= end:
+                        break
+                if index >= start:
+                    members[extension] = archive.extractfile(member).read()
+            else:
+                if key is not None and start <= index < end:
+                    yield index, members
+                    next_index = index + 1
+    except Exception as error:  # a missing, truncated or unreadable shard is reported, not fatal
+        _warn("shard %s unreadable after sample %d: %s: %s", url, next_index, type(error).__name__, error)
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # a pipe closed early reports SIGPIPE; nothing is lost
+                pass
+    for index in range(next_index, end):
+        yield index, None
+
+
+class ShardStream(IterableDataset):
+    """Batches for one rank. Give it to `make_loader` (or a DataLoader with `batch_size=None`)."""
+
+    def __init__(self, shards: list[ShardInfo], *, audio: AudioConfig, options: StreamOptions,
+                 labels: LabelIndex | None = None, state: StreamState | None = None) -> None:
+        super().__init__()
+        if not shards:
+            raise ValueError("no shards to stream")
+        num_consumers = options.world_size * options.consumers_per_rank
+        if len(shards) < num_consumers and not options.allow_shard_sharing:
+            raise ValueError(
+                f"{len(shards)} shards for {options.world_size} ranks × {options.consumers_per_rank} workers = "
+                f"{num_consumers} readers: every reader needs at least one shard. Make more, smaller shards "
+                f"(make-shards --max-count), use fewer workers, or set data.allow_shard_sharing=true")
+        total = sum(shard.num_samples for shard in shards)
+        if options.drop_last and total < options.batch_size * options.world_size:
+            raise ValueError(f"{total} samples are fewer than one global batch "
+                             f"({options.batch_size} × {options.world_size} ranks)")
+        self.shards = shards
+        self.audio = audio
+        self.options = options
+        self.labels = labels
+        fingerprint = shards_fingerprint(shards)
+        if state is None:
+            state = StreamState(seed=options.seed, layout=options.layout, shards_fingerprint=fingerprint)
+        elif state.shards_fingerprint and state.shards_fingerprint != fingerprint:
+            raise ValueError("the checkpointed data state belongs to another list of shards; "
+                             "resume with the same --train-data, or start the data stream afresh")
+        self.state = self._adapt_to_layout(replace(state, shards_fingerprint=fingerprint))
+
+    # --- planning --------------------------------------------------------------------------------
+    def plan(self, state: StreamState) -> Plan:
+        segments = state.remaining if state.remaining is not None else epoch_segments(
+            [shard.num_samples for shard in self.shards], seed=state.seed, epoch=state.epoch,
+            shuffle=self.options.shuffle)
+        world_size, num_workers, batch_size = state.layout or self.options.layout
+        return make_plan(segments, epoch=state.epoch, generation=state.generation, world_size=world_size,
+                         num_workers=num_workers, batch_size=batch_size, drop_last=self.options.drop_last)
+
+    def _adapt_to_layout(self, state: StreamState) -> StreamState:
+        """After a restart with other ranks/workers/batch size: re-plan what is left of the epoch."""
+        if state.layout in (None, self.options.layout):
+            return replace(state, layout=self.options.layout)
+        old_plan = self.plan(state)
+        _, old_workers, old_batch = state.layout
+        consumed = consumed_items(old_plan, seed=state.seed, steps_done=state.steps_done, batch_size=old_batch,
+                                  buffer_size=self._buffer_size, num_workers=old_workers)
+        segments = state.remaining if state.remaining is not None else epoch_segments(
+            [shard.num_samples for shard in self.shards], seed=state.seed, epoch=state.epoch,
+            shuffle=self.options.shuffle)
+        log.info("data layout changed from %s to %s (ranks, workers, batch): re-planning the %d samples left "
+                 "of epoch %d", state.layout, self.options.layout,
+                 sum(e - s for _, s, e in segments) - len(consumed), state.epoch)
+        return replace(state, remaining=subtract(segments, consumed), generation=state.generation + 1,
+                       steps_done=0, layout=self.options.layout)
+
+    @property
+    def _buffer_size(self) -> int:
+        return self.options.shuffle_buffer if self.options.shuffle else 0
+
+    def steps_in_plan(self, state: StreamState) -> int:
+        return self.plan(state).steps
+
+    def next_epoch_state(self, state: StreamState) -> StreamState:
+        return replace(state, epoch=state.epoch + 1, steps_done=0, generation=0, remaining=None,
+                       layout=self.options.layout)
+
+    # --- reading ---------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        num_workers = info.num_workers if info is not None else 1
+        if num_workers != self.options.consumers_per_rank:
+            raise ValueError(f"the DataLoader has {num_workers} workers but the stream was planned for "
+                             f"{self.options.consumers_per_rank}: build the loader with make_loader")
+        torch.set_num_threads(1)
+        counters = {"items": 0, "failed": 0, "replaced": 0}
+        state = copy.deepcopy(self.state)
+        epochs = 0
+        while self.options.max_epochs is None or epochs < self.options.max_epochs:
+            plan = self.plan(state)
+            yield from self._consumer_batches(plan, state, worker=worker, counters=counters)
+            state = self.next_epoch_state(state)
+            epochs += 1
+
+    def _consumer_batches(self, plan: Plan, state: StreamState, *, worker: int, counters: dict) -> Iterator[dict]:
+        options = self.options
+        rank = options.rank
+        chunk = plan.chunks[(rank, worker)]
+        num_workers = options.consumers_per_rank
+        num_batches = worker_batches(plan.steps, worker=worker, num_workers=num_workers)
+        first_batch = worker_batches(state.steps_done, worker=worker, num_workers=num_workers)
+        rng = consumer_rng(seed=state.seed, epoch=plan.epoch, generation=plan.generation, rank=rank, worker=worker)
+        items = shuffled(self._read_chunk(chunk), buffer_size=self._buffer_size, rng=rng)
+        for _ in range(first_batch * options.batch_size):  # resume: skip what was consumed, undecoded
+            next(items, None)
+        last_good: list[dict] = []
+        for batch_number in range(first_batch, num_batches):
+            raw = [item for _, item in zip(range(options.batch_size), items)]
+            samples = [self._decode(item, epoch=plan.epoch, counters=counters) for item in raw]
+            samples = self._fill(samples, last_good=last_good, counters=counters)
+            last_good = [sample for sample in samples if sample["valid"]] or last_good
+            self._check_failures(counters)
+            batch = collate(samples)
+            batch["stream"] = {"epoch": plan.epoch, "generation": plan.generation,
+                               "step": worker + batch_number * num_workers, "steps": plan.steps,
+                               "rank": rank, "worker": worker, **counters}
+            yield batch
+
+    def _read_chunk(self, chunk: list[Segment]) -> Iterator[Item]:
+        for shard, start, end in chunk:
+            for index, members in read_segment(self.shards[shard].url, start, end):
+                yield shard, index, members
+
+    def _decode(self, item: Item, *, epoch: int, counters: dict) -> dict | None:
+        shard, index, members = item
+        counters["items"] += 1
+        url = self.shards[shard].url
+        if members is None:
+            counters["failed"] += 1
+            return None
+        try:
+            audio_ext = next((ext for ext in schema.AUDIO_EXTENSIONS if ext in members), None)
+            if audio_ext is None or schema.JSON_EXTENSION not in members:
+                raise AudioDecodeError("incomplete", f"members {sorted(members)}")
+            metadata = json.loads(members[schema.JSON_EXTENSION])
+            waveform, rate = decode(members[audio_ext], name=f"{url}#{index}")
+            captions = metadata.get(schema.CAPTIONS) or [metadata.get(schema.CAPTION, "")]
+            key = f"{url.rsplit('/', 1)[-1]}/{index}"
+            return make_sample(waveform, rate, captions=captions, label_mids=metadata.get(schema.LABELS, []),
+                               fname=metadata.get(schema.SOURCE_PATH, key), key=key, config=self.audio,
+                               mel=self._mel, labels=self.labels,
+                               rng=np.random.default_rng([self.state.seed, epoch, shard, index]))
+        except (AudioDecodeError, ValueError, KeyError) as error:
+            counters["failed"] += 1
+            _warn("skipping sample %d of shard %s: %s", index, url, error)
+            return None
+
+    @property
+    def _mel(self) -> MelFeatures:
+        if not hasattr(self, "_mel_features"):
+            self._mel_features = MelFeatures(self.audio)
+        return self._mel_features
+
+    def _fill(self, samples: list[dict | None], *, last_good: list[dict], counters: dict) -> list[dict]:
+        """Keeps the batch size: failed samples are replaced by good ones, missing ones padded."""
+        good = [sample for sample in samples if sample is not None]
+        donors = good or last_good
+        filled = []
+        for position, sample in enumerate(samples):
+            if sample is None:
+                if not donors:
+                    raise RuntimeError(f"rank {self.options.rank}: no decodable sample in a whole batch and "
+                                       f"none before it; check the shards ({counters})")
+                sample = donors[position % len(donors)]
+                counters["replaced"] += 1
+            filled.append(sample)
+        while len(filled) < self.options.batch_size:  # evaluation: the epoch ran out on this reader
+            filled.append(padding_sample(config=self.audio, mel=self._mel, labels=self.labels))
+        return filled
+
+    def _check_failures(self, counters: dict) -> None:
+        if counters["items"] >= 20 and counters["failed"] > self.options.max_failed_fraction * counters["items"]:
+            raise RuntimeError(
+                f"rank {self.options.rank}: {counters['failed']} of {counters['items']} samples failed, more than "
+                f"max_failed_fraction={self.options.max_failed_fraction}; see the warnings above for shards and keys")
+
+
+class StreamTracker:
+    """Trainer-side: advances the stream state with every batch the training loop consumed."""
+
+    def __init__(self, stream: ShardStream) -> None:
+        self.stream = stream
+        self.state = copy.deepcopy(stream.state)
+        self.failures: dict[tuple[int, int], dict] = {}
+
+    def advance(self, batch: dict) -> None:
+        info = batch["stream"]
+        assert info["epoch"] == self.state.epoch and info["step"] == self.state.steps_done, \
+            f"batch {info} out of order with the stream state {self.state.epoch}/{self.state.steps_done}"
+        self.failures[(info["rank"], info["worker"])] = {k: info[k] for k in ("items", "failed", "replaced")}
+        if info["step"] + 1 == info["steps"]:
+            self.state = self.stream.next_epoch_state(self.state)
+        else:
+            self.state = replace(self.state, steps_done=info["step"] + 1)
+
+    def counters(self) -> dict[str, int]:
+        """Items read, failed and replaced by this rank's workers so far (since the loader started)."""
+        totals = {"items": 0, "failed": 0, "replaced": 0}
+        for values in self.failures.values():
+            for key in totals:
+                totals[key] += values[key]
+        return totals
+
+
+def make_loader(stream: ShardStream, *, prefetch_factor: int = 2) -> DataLoader:
+    """A DataLoader over ready batches; forkserver workers because torch threads deadlock after fork."""
+    num_workers = stream.options.num_workers
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      multiprocessing_context="forkserver" if num_workers > 0 else None,
+                      prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                      persistent_workers=False)
