@@ -68,6 +68,8 @@ def collate(samples: list[dict]) -> dict:
             batch[key] = values
         elif isinstance(values[0], bool):
             batch[key] = torch.tensor(values, dtype=torch.bool)
+        elif isinstance(values[0], float):
+            batch[key] = torch.tensor(values, dtype=torch.float64)  # as torch's default_collate does
         else:
             batch[key] = torch.tensor(values)
     return batch

@@ -207,20 +207,25 @@ class ShardStream(IterableDataset):
         counters = {"items": 0, "failed": 0, "replaced": 0}
         state = copy.deepcopy(self.state)
         epochs = 0
+        num_yielded = 0  # batches this loader yielded before the current plan
         while self.options.max_epochs is None or epochs < self.options.max_epochs:
             plan = self.plan(state)
-            yield from self._consumer_batches(plan, state, worker=worker, counters=counters)
+            # The DataLoader collects batch k from worker k mod W; plan step s belongs to consumer s mod W.
+            consumer = (worker - num_yielded + state.steps_done) % num_workers
+            yield from self._consumer_batches(plan, state, consumer=consumer, worker=worker, counters=counters)
+            num_yielded += plan.steps - state.steps_done
             state = self.next_epoch_state(state)
             epochs += 1
 
-    def _consumer_batches(self, plan: Plan, state: StreamState, *, worker: int, counters: dict) -> Iterator[dict]:
+    def _consumer_batches(self, plan: Plan, state: StreamState, *, consumer: int, worker: int,
+                          counters: dict) -> Iterator[dict]:
         options = self.options
         rank = options.rank
-        chunk = plan.chunks[(rank, worker)]
+        chunk = plan.chunks[(rank, consumer)]
         num_workers = options.consumers_per_rank
-        num_batches = worker_batches(plan.steps, worker=worker, num_workers=num_workers)
-        first_batch = worker_batches(state.steps_done, worker=worker, num_workers=num_workers)
-        rng = consumer_rng(seed=state.seed, epoch=plan.epoch, generation=plan.generation, rank=rank, worker=worker)
+        num_batches = worker_batches(plan.steps, worker=consumer, num_workers=num_workers)
+        first_batch = worker_batches(state.steps_done, worker=consumer, num_workers=num_workers)
+        rng = consumer_rng(seed=state.seed, epoch=plan.epoch, generation=plan.generation, rank=rank, worker=consumer)
         items = shuffled(self._read_chunk(chunk), buffer_size=self._buffer_size, rng=rng)
         for _ in range(first_batch * options.batch_size):  # resume: skip what was consumed, undecoded
             next(items, None)
@@ -233,7 +238,7 @@ class ShardStream(IterableDataset):
             self._check_failures(counters)
             batch = collate(samples)
             batch["stream"] = {"epoch": plan.epoch, "generation": plan.generation,
-                               "step": worker + batch_number * num_workers, "steps": plan.steps,
+                               "step": consumer + batch_number * num_workers, "steps": plan.steps,
                                "rank": rank, "worker": worker, **counters}
             yield batch
 
