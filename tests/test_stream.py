@@ -200,3 +200,21 @@ def test_brace_patterns_and_pipe_urls_read_the_same_samples(train_shards: Path) 
         resolve_specs([f"pipe:cat {pattern}"])
     with pytest.raises(ValueError, match="no manifest.json"):
         resolve_specs([str(train_shards.parent)])
+
+
+def test_weights_mix_sources_by_reads_per_epoch(demo_root: Path, train_shards: Path, tmp_path: Path) -> None:
+    from shards.make import make_shards
+    from shards.plan import ShardOptions
+
+    val_dir = tmp_path / "val"
+    make_shards(metadata_root=demo_root, dataset="demo", split="val", out_dir=val_dir,
+                options=ShardOptions(max_count=2, prefix="val"), show_progress=False)
+    shards = resolve_specs([f"{train_shards}::weight=0.5", f"{val_dir}::weight=2"])
+    stream = ShardStream(shards, audio=AUDIO, options=StreamOptions(batch_size=2, max_epochs=1, drop_last=False))
+    counts = Counter(_keys(stream))
+    val_counts = [n for key, n in counts.items() if key.startswith("val-")]
+    train_counts = [n for key, n in counts.items() if key.startswith("train-")]
+    assert val_counts == [2] * 4  # every val sample read twice
+    assert set(train_counts) == {1} and 12 <= len(train_counts) <= 20  # 3 ± 1 of the 6 train shards, once
+    with pytest.raises(ValueError, match="weight=W with W >= 0"):
+        resolve_specs([f"{train_shards}::weight=-1"])

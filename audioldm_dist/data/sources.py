@@ -6,7 +6,9 @@ A spec is one of
   (`pipe:aws s3 cp s3://bucket/train-{000000..000127}.tar -`), whose counts come from a
   `sizes.json` (open_clip's format) next to the local tars, or from `SPEC::sizes=PATH`,
 - a single tar with `::sizes=PATH`.
-Several specs are concatenated. Counts are needed up front: they define the epoch.
+Several specs are mixed; `SPEC::weight=W` sets how often each of its shards is read per epoch
+(2.0: twice, 0.5: a seeded half of them each epoch; default 1.0). Counts are needed up front: they
+define the epoch.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ SIZES_FILE = "sizes.json"
 class ShardInfo:
     url: str
     num_samples: int
+    weight: float = 1.0
+    """Expected reads of this shard per epoch (from the spec's `::weight=`)."""
 
 
 def _tar_basename(url: str) -> str:
@@ -51,11 +55,25 @@ def resolve_spec(spec: str) -> list[ShardInfo]:
     """One spec → its shards, in order."""
     spec, _, options = spec.partition("::")
     sizes_path = None
+    weight = 1.0
     for option in filter(None, options.split("::")):
         key, _, value = option.partition("=")
-        if key != "sizes" or not value:
-            raise ValueError(f"data spec option {option!r}: expected sizes=PATH")
-        sizes_path = Path(value)
+        if key == "sizes" and value:
+            sizes_path = Path(value)
+        elif key == "weight":
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = -1.0
+            if weight < 0:
+                raise ValueError(f"data spec option {option!r}: expected weight=W with W >= 0")
+        else:
+            raise ValueError(f"data spec option {option!r}: expected sizes=PATH or weight=W")
+    return [ShardInfo(url=shard.url, num_samples=shard.num_samples, weight=weight)
+            for shard in _resolve_shards(spec, sizes_path)]
+
+
+def _resolve_shards(spec: str, sizes_path: Path | None) -> list[ShardInfo]:
     local = Path(spec)
     if not spec.startswith("pipe:") and local.is_dir():
         manifest_path = local / MANIFEST_FILE
@@ -89,4 +107,4 @@ def resolve_specs(specs: list[str] | str) -> list[ShardInfo]:
 
 def shards_fingerprint(shards: list[ShardInfo]) -> str:
     """Identifies the shard list a stream state belongs to."""
-    return hashlib.sha256(json.dumps([[s.url, s.num_samples] for s in shards]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([[s.url, s.num_samples, s.weight] for s in shards]).encode()).hexdigest()[:16]

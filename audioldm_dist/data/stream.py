@@ -159,10 +159,15 @@ class ShardStream(IterableDataset):
         self.state = self._adapt_to_layout(replace(state, shards_fingerprint=fingerprint))
 
     # --- planning --------------------------------------------------------------------------------
+    def epoch_items(self, state: StreamState) -> list[Segment]:
+        """What is left to read of the state's epoch, in plan order."""
+        if state.remaining is not None:
+            return state.remaining
+        return epoch_segments([shard.num_samples for shard in self.shards], seed=state.seed, epoch=state.epoch,
+                              shuffle=self.options.shuffle, weights=[shard.weight for shard in self.shards])
+
     def plan(self, state: StreamState) -> Plan:
-        segments = state.remaining if state.remaining is not None else epoch_segments(
-            [shard.num_samples for shard in self.shards], seed=state.seed, epoch=state.epoch,
-            shuffle=self.options.shuffle)
+        segments = self.epoch_items(state)
         world_size, num_workers, batch_size = state.layout or self.options.layout
         return make_plan(segments, epoch=state.epoch, generation=state.generation, world_size=world_size,
                          num_workers=num_workers, batch_size=batch_size, drop_last=self.options.drop_last)
@@ -175,9 +180,7 @@ class ShardStream(IterableDataset):
         _, old_workers, old_batch = state.layout
         consumed = consumed_items(old_plan, seed=state.seed, steps_done=state.steps_done, batch_size=old_batch,
                                   buffer_size=self._buffer_size, num_workers=old_workers)
-        segments = state.remaining if state.remaining is not None else epoch_segments(
-            [shard.num_samples for shard in self.shards], seed=state.seed, epoch=state.epoch,
-            shuffle=self.options.shuffle)
+        segments = self.epoch_items(state)
         log.info("data layout changed from %s to %s (ranks, workers, batch): re-planning the %d samples left "
                  "of epoch %d", state.layout, self.options.layout,
                  sum(e - s for _, s, e in segments) - len(consumed), state.epoch)
@@ -243,14 +246,14 @@ class ShardStream(IterableDataset):
             yield batch
 
     def _read_chunk(self, chunk: list[Segment]) -> Iterator[Item]:
-        for shard, start, end in chunk:
-            for index, members in read_segment(self.shards[shard].url, start, end):
-                yield shard, index, members
+        for read, start, end in chunk:
+            for index, members in read_segment(self.shards[read % len(self.shards)].url, start, end):
+                yield read, index, members
 
     def _decode(self, item: Item, *, epoch: int, counters: dict) -> dict | None:
-        shard, index, members = item
+        read, index, members = item
         counters["items"] += 1
-        url = self.shards[shard].url
+        url = self.shards[read % len(self.shards)].url
         if members is None:
             counters["failed"] += 1
             return None
@@ -265,7 +268,7 @@ class ShardStream(IterableDataset):
             return make_sample(waveform, rate, captions=captions, label_mids=metadata.get(schema.LABELS, []),
                                fname=metadata.get(schema.SOURCE_PATH, key), key=key, config=self.audio,
                                mel=self._mel, labels=self.labels,
-                               rng=np.random.default_rng([self.state.seed, epoch, shard, index]))
+                               rng=np.random.default_rng([self.state.seed, epoch, read, index]))
         except (AudioDecodeError, ValueError, KeyError) as error:
             counters["failed"] += 1
             _warn("skipping sample %d of shard %s: %s", index, url, error)

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 
-Segment = tuple[int, int, int]  # (shard id, first index, end index)
+Segment = tuple[int, int, int]  # (read id, first index, end index); read id = copy × num_shards + shard
 T = TypeVar("T")
 
 
@@ -69,9 +69,28 @@ class Plan:
     """(rank, worker) → real items in its chunk (fewer than quota only when padding)."""
 
 
-def epoch_segments(shard_sizes: list[int], *, seed: int, epoch: int, shuffle: bool) -> list[Segment]:
-    order = np.random.default_rng([seed, epoch]).permutation(len(shard_sizes)) if shuffle else range(len(shard_sizes))
-    return [(int(shard), 0, shard_sizes[shard]) for shard in order if shard_sizes[shard] > 0]
+def epoch_segments(shard_sizes: list[int], *, seed: int, epoch: int, shuffle: bool,
+                   weights: list[float] | None = None) -> list[Segment]:
+    """The epoch's reads in order; each read has its own id so copies of a shard are told apart.
+
+    A shard of weight w is read w times on average: systematic sampling over a seeded permutation
+    reads it floor(w) or floor(w) + 1 times, so the epoch holds sum(w) reads (±1) and a source of
+    weight 0.5 contributes half of its shards, a different half each epoch."""
+    num_shards = len(shard_sizes)
+    weights = weights or [1.0] * num_shards
+    rng = np.random.default_rng([seed, epoch, 0xC0FFEE])
+    offset = rng.random()
+    cumulative = 0.0
+    copies = [0] * num_shards
+    for shard in rng.permutation(num_shards):
+        before = cumulative
+        cumulative += weights[shard]
+        copies[shard] = int(np.floor(cumulative + offset) - np.floor(before + offset))
+    reads = [copy * num_shards + shard for shard in range(num_shards) if shard_sizes[shard] > 0
+             for copy in range(copies[shard])]
+    if shuffle:
+        reads = [reads[i] for i in np.random.default_rng([seed, epoch]).permutation(len(reads))]
+    return [(read, 0, shard_sizes[read % num_shards]) for read in reads]
 
 
 def worker_batches(steps: int, *, worker: int, num_workers: int) -> int:
