@@ -218,3 +218,15 @@ def test_weights_mix_sources_by_reads_per_epoch(demo_root: Path, train_shards: P
     assert set(train_counts) == {1} and 12 <= len(train_counts) <= 20  # 3 ± 1 of the 6 train shards, once
     with pytest.raises(ValueError, match="weight=W with W >= 0"):
         resolve_specs([f"{train_shards}::weight=-1"])
+
+
+def test_waveform_only_batches_give_the_same_features_on_the_trainer_side(train_shards: Path) -> None:
+    from audioldm_dist.data.features import MelFeatures
+
+    full = next(iter(_stream(train_shards, max_epochs=1)))
+    lean = next(iter(_stream(train_shards, max_epochs=1, features_in_loader=False)))
+    assert "log_mel_spec" not in lean and "stft" not in lean
+    assert torch.equal(full["waveform"], lean["waveform"])
+    log_mel, stft = MelFeatures(AUDIO).batch(lean["waveform"])
+    assert torch.allclose(log_mel, full["log_mel_spec"], atol=1e-5)
+    assert torch.allclose(stft, full["stft"], atol=1e-4)

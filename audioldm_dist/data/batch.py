@@ -3,7 +3,9 @@
 Batch keys and shapes are the original code's, so model code ports unchanged: `waveform` [B, 1, T],
 `log_mel_spec` [B, frames, mels], `stft` [B, frames, bins], `text` (list), `fname` (list),
 `label_vector` [B, classes], `duration` [B], `sampling_rate` [B]. Ours on top: `key` (list) and
-`valid` [B] (False marks padding in evaluation batches, which metrics must ignore).
+`valid` [B] (False marks padding in evaluation batches, which metrics must ignore). A loader made
+with `features_in_loader=False` leaves out `log_mel_spec` and `stft`; the trainer then computes them
+with `MelFeatures.batch` on its device.
 """
 from __future__ import annotations
 
@@ -28,15 +30,15 @@ def label_vector(mids: list[str], labels: LabelIndex | None) -> np.ndarray:
 
 
 def make_sample(waveform: np.ndarray, sample_rate: int, *, captions: list[str], label_mids: list[str],
-                fname: str, key: str, config: AudioConfig, mel: MelFeatures, labels: LabelIndex | None,
+                fname: str, key: str, config: AudioConfig, mel: MelFeatures | None, labels: LabelIndex | None,
                 rng: np.random.Generator) -> dict:
     """`(channels, T)` audio at any rate → one sample: crop, resample, normalise, features, caption."""
     clip = waveform_to_features(downmix(waveform), sample_rate, config=config, mel=mel, rng=rng)
     text = captions[int(rng.integers(len(captions)))] if captions else ""
-    return {
-        "waveform": torch.from_numpy(clip.waveform),
-        "log_mel_spec": clip.log_mel_spec,
-        "stft": clip.stft,
+    sample = {"waveform": torch.from_numpy(clip.waveform)}
+    if clip.log_mel_spec is not None:
+        sample.update(log_mel_spec=clip.log_mel_spec, stft=clip.stft)
+    return sample | {
         "text": text,
         "fname": fname,
         "label_vector": torch.from_numpy(label_vector(label_mids, labels)),
@@ -48,7 +50,7 @@ def make_sample(waveform: np.ndarray, sample_rate: int, *, captions: list[str], 
     }
 
 
-def padding_sample(*, config: AudioConfig, mel: MelFeatures, labels: LabelIndex | None) -> dict:
+def padding_sample(*, config: AudioConfig, mel: MelFeatures | None, labels: LabelIndex | None) -> dict:
     """A silent, invalid sample that fills evaluation batches to the common size."""
     silence = np.zeros((1, config.num_samples), dtype=np.float32)
     sample = make_sample(silence, config.sampling_rate, captions=[""], label_mids=[], fname="", key="",

@@ -67,22 +67,30 @@ class MelFeatures:
         ).T  # (mels, freqs)
 
     def __call__(self, waveform: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns `log_mel_spec` (frames, mels) and `stft` (frames, bins), padded/cut to `num_frames`."""
+        """One `(1, T)` clip → `log_mel_spec` (frames, mels) and `stft` (frames, bins)."""
+        log_mel, spec = self.batch(torch.as_tensor(waveform, dtype=torch.float32).reshape(1, -1))
+        return log_mel[0], spec[0]
+
+    def batch(self, waveform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B, T)` or `(B, 1, T)` on any device → `(B, frames, mels)` and `(B, frames, bins)`, padded/cut
+        to `num_frames`. The trainer uses this when the loader ships waveforms only."""
         config = self.config
-        y = torch.as_tensor(waveform, dtype=torch.float32).reshape(1, -1)
+        y = waveform.reshape(waveform.shape[0], -1).float()
+        window = self.window.to(y.device)
+        mel_basis = self.mel_basis.to(y.device)
         pad = int((config.filter_length - config.hop_length) / 2)
         y = torch.nn.functional.pad(y.unsqueeze(1), (pad, pad), mode="reflect").squeeze(1)
         spec = torch.stft(y, config.filter_length, hop_length=config.hop_length, win_length=config.win_length,
-                          window=self.window, center=False, pad_mode="reflect", normalized=False, onesided=True,
-                          return_complex=True).abs()  # (1, freqs, frames)
-        log_mel = torch.log(torch.clamp(self.mel_basis @ spec, min=1e-5))  # (1, mels, frames)
-        return self._fit_frames(log_mel[0].T), self._fit_frames(spec[0].T)
+                          window=window, center=False, pad_mode="reflect", normalized=False, onesided=True,
+                          return_complex=True).abs()  # (B, freqs, frames)
+        log_mel = torch.log(torch.clamp(mel_basis @ spec, min=1e-5))  # (B, mels, frames)
+        return self._fit_frames(log_mel.transpose(1, 2)), self._fit_frames(spec.transpose(1, 2))
 
     def _fit_frames(self, features: torch.Tensor) -> torch.Tensor:
         target = self.config.num_frames
-        if features.shape[0] < target:
-            features = torch.nn.functional.pad(features, (0, 0, 0, target - features.shape[0]))
-        features = features[:target]
+        if features.shape[-2] < target:
+            features = torch.nn.functional.pad(features, (0, 0, 0, target - features.shape[-2]))
+        features = features[..., :target, :]
         if features.shape[-1] % 2 != 0:
             features = features[..., :-1]
         return features
@@ -91,16 +99,17 @@ class MelFeatures:
 @dataclass(frozen=True, kw_only=True)
 class ClipFeatures:
     waveform: np.ndarray  # (1, num_samples)
-    log_mel_spec: torch.Tensor  # (frames, mels)
-    stft: torch.Tensor  # (frames, bins)
+    log_mel_spec: torch.Tensor | None  # (frames, mels); None when features are left to the trainer
+    stft: torch.Tensor | None  # (frames, bins)
     crop_start: int  # in samples of the rate the crop was taken at
 
 
-def waveform_to_features(waveform: np.ndarray, sample_rate: int, *, config: AudioConfig, mel: MelFeatures,
+def waveform_to_features(waveform: np.ndarray, sample_rate: int, *, config: AudioConfig, mel: MelFeatures | None,
                          rng: np.random.Generator | None = None, start_seconds: float | None = None,
                          crop_before_resample: bool = True) -> ClipFeatures:
     """Mono `(1, T)` at `sample_rate` → crop, resample, normalise, pad, features.
 
+    With `mel=None` only the waveform is prepared (the trainer computes features on its device).
     `crop_before_resample=True` is the original order (window at the file's native rate). Shards are
     already at the target rate, so both orders coincide there apart from resampler edge effects.
     """
@@ -114,5 +123,5 @@ def waveform_to_features(waveform: np.ndarray, sample_rate: int, *, config: Audi
         start = None if start_seconds is None else int(round(start_seconds * config.sampling_rate))
         resampled, crop_start = random_crop(resampled, num_samples=config.num_samples, rng=rng, start=start)
     final = pad_to(normalize(resampled[:1]), config.num_samples)
-    log_mel_spec, stft = mel(final)
+    log_mel_spec, stft = mel(final) if mel is not None else (None, None)
     return ClipFeatures(waveform=final, log_mel_spec=log_mel_spec, stft=stft, crop_start=crop_start)

@@ -56,6 +56,9 @@ class StreamOptions:
     max_epochs: int | None = None
     """Stop after this many epochs (evaluation: 1); None streams forever."""
     max_failed_fraction: float = 0.05
+    features_in_loader: bool = True
+    """Compute STFT and log-mel in the loader (the original way); False ships waveforms only and leaves
+    the features to the trainer's device (`MelFeatures.batch`), which frees the loader's CPU."""
     allow_shard_sharing: bool = False
     """Allow fewer shards than ranks × workers: consumers then share shards, each reading past the part
     before its range."""
@@ -275,7 +278,9 @@ class ShardStream(IterableDataset):
             return None
 
     @property
-    def _mel(self) -> MelFeatures:
+    def _mel(self) -> MelFeatures | None:
+        if not self.options.features_in_loader:
+            return None
         if not hasattr(self, "_mel_features"):
             self._mel_features = MelFeatures(self.audio)
         return self._mel_features
