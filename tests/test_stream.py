@@ -123,15 +123,15 @@ def test_resume_continues_exactly_where_it_stopped(train_shards: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("new_workers,new_world,new_batch", [(1, 1, 4), (0, 2, 2)])
+@pytest.mark.parametrize("new_workers,new_world,new_batch,new_buffer", [(1, 1, 4, 256), (0, 2, 2, 256), (2, 1, 4, 5)])
 def test_resume_with_other_workers_or_ranks_sees_every_sample_of_the_epoch_once(
-        train_shards: Path, new_workers: int, new_world: int, new_batch: int) -> None:
+        train_shards: Path, new_workers: int, new_world: int, new_batch: int, new_buffer: int) -> None:
     before, state = _run(train_shards, 3, num_workers=2)  # 12 of 32 samples of epoch 0; 20 left
     restored = StreamState.from_dict(state.to_dict())
     after = []
     for rank in range(new_world):
         stream = _stream(train_shards, rank=rank, world_size=new_world, num_workers=new_workers, state=restored,
-                         batch_size=new_batch)
+                         batch_size=new_batch, shuffle_buffer=new_buffer)
         steps = stream.steps_in_plan(stream.state)
         batches = [batch for batch, _ in zip(make_loader(stream), range(steps))]
         assert all(batch["stream"]["epoch"] == 0 for batch in batches)

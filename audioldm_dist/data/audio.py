@@ -63,7 +63,7 @@ def read_info(path: str | Path) -> AudioInfo:
 
 def decode(source: str | Path | bytes, *, name: str = "") -> tuple[np.ndarray, int]:
     """Decodes a file or in-memory bytes to float32 `(channels, samples)` in [-1, 1] and its rate."""
-    label = name or str(source) if not isinstance(source, bytes) else name or "<bytes>"
+    label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
     if isinstance(source, bytes):
         if not source:
             raise AudioDecodeError("empty", f"0 bytes: {label}")
@@ -116,12 +116,3 @@ def encode_flac(waveform: np.ndarray, *, sample_rate: int) -> bytes:
     buffer = io.BytesIO()
     soundfile.write(buffer, mono, sample_rate, format="FLAC", subtype="PCM_16")
     return buffer.getvalue()
-
-
-def load_mono(source: str | Path | bytes, *, target_rate: int, name: str = "") -> tuple[np.ndarray, AudioInfo]:
-    """Decode → downmix → resample: what make-shards stores. Returns `(1, samples)` and the source info."""
-    waveform, sample_rate = decode(source, name=name)
-    info = AudioInfo(sample_rate=sample_rate, num_channels=waveform.shape[0], num_frames=waveform.shape[1],
-                     format="")
-    mono = resample(downmix(waveform), orig_freq=sample_rate, new_freq=target_rate)
-    return mono, info

@@ -68,8 +68,9 @@ class StreamOptions:
         return max(1, self.num_workers)
 
     @property
-    def layout(self) -> tuple[int, int, int]:
-        return (self.world_size, self.consumers_per_rank, self.batch_size)
+    def layout(self) -> tuple[int, int, int, int]:
+        """What the plan and the reading order depend on: (ranks, readers per rank, batch, buffer)."""
+        return (self.world_size, self.consumers_per_rank, self.batch_size, self.shuffle_buffer if self.shuffle else 0)
 
 
 class _RateLimitedWarnings:
@@ -171,7 +172,7 @@ class ShardStream(IterableDataset):
 
     def plan(self, state: StreamState) -> Plan:
         segments = self.epoch_items(state)
-        world_size, num_workers, batch_size = state.layout or self.options.layout
+        world_size, num_workers, batch_size, _ = state.layout or self.options.layout
         return make_plan(segments, epoch=state.epoch, generation=state.generation, world_size=world_size,
                          num_workers=num_workers, batch_size=batch_size, drop_last=self.options.drop_last)
 
@@ -180,11 +181,11 @@ class ShardStream(IterableDataset):
         if state.layout in (None, self.options.layout):
             return replace(state, layout=self.options.layout)
         old_plan = self.plan(state)
-        _, old_workers, old_batch = state.layout
+        _, old_workers, old_batch, old_buffer = state.layout
         consumed = consumed_items(old_plan, seed=state.seed, steps_done=state.steps_done, batch_size=old_batch,
-                                  buffer_size=self._buffer_size, num_workers=old_workers)
+                                  buffer_size=old_buffer, num_workers=old_workers)
         segments = self.epoch_items(state)
-        log.info("data layout changed from %s to %s (ranks, workers, batch): re-planning the %d samples left "
+        log.info("data layout changed from %s to %s (ranks, workers, batch, buffer): re-planning the %d samples left "
                  "of epoch %d", state.layout, self.options.layout,
                  sum(e - s for _, s, e in segments) - len(consumed), state.epoch)
         return replace(state, remaining=subtract(segments, consumed), generation=state.generation + 1,

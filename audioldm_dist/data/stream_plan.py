@@ -9,7 +9,7 @@ through a shuffle buffer whose RNG is a function of (seed, epoch, generation, ra
 
 The state the trainer checkpoints is small: seed, epoch, how many batches of the current plan were
 consumed, and, after a restart with other ranks/workers/batch size, the items left in the epoch.
-- Same ranks, workers and batch size: every consumer replays its chunk and skips what was consumed
+- Same ranks, workers, batch size and shuffle buffer: every consumer replays its chunk and skips what was consumed
   (raw bytes only, no decoding), so the continuation is identical to an uninterrupted run.
 - Anything changed: the consumed items are recomputed here (the plan is deterministic), the epoch's
   remaining items are re-planned over the new consumers ("generation" + 1), and every sample of the
@@ -40,8 +40,8 @@ class StreamState:
     """Re-plans within this epoch (after restarts with a different layout)."""
     remaining: list[Segment] | None = None
     """Items of the epoch left at the start of this plan; None = the whole epoch."""
-    layout: tuple[int, int, int] | None = None
-    """(world_size, num_workers, batch_size) the current plan was made for."""
+    layout: tuple[int, int, int, int] | None = None
+    """(world_size, readers per rank, batch_size, shuffle buffer) the current plan was made for."""
     shards_fingerprint: str = ""
 
     def to_dict(self) -> dict:
