@@ -11,16 +11,16 @@ import logging
 import multiprocessing as mp
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from tqdm import tqdm
 
-from audioldm_dist.data.metadata import AudioEntry, DatasetRoot, LabelIndex
+from audioldm_dist.data.metadata import DatasetRoot, LabelIndex
 from shards.manifest import Manifest, ShardEntry, write_manifest
-from shards.plan import Failure, PlannedSample, ShardOptions, ShardSpec, inspect_entry, order_entries, plan_shards
+from shards.plan import Failure, ShardOptions, ShardSpec, inspect_entry, order_entries, plan_shards
 from audioldm_dist.fileio import atomic_write_bytes
 from shards.writer import STATE_DIR, ShardRecord, completed_record, write_shard
 
@@ -63,10 +63,6 @@ def _write_shard_task(args: tuple[ShardSpec, Path, ShardOptions, LabelIndex | No
     return write_shard(spec, out_dir=out_dir, options=options, labels=labels, progress=_report)
 
 
-def _inspect_task(args: tuple[AudioEntry, ShardOptions]) -> PlannedSample | Failure:
-    return inspect_entry(*args)
-
-
 # --- parent side -------------------------------------------------------------------------------
 def _check_output_folder(out_dir: Path, *, options: ShardOptions, source: dict, overwrite: bool) -> None:
     """Refuses to mix shards of different inputs/options in one folder, which would corrupt the set."""
@@ -93,11 +89,6 @@ def _check_output_folder(out_dir: Path, *, options: ShardOptions, source: dict, 
     atomic_write_bytes(options_path, json.dumps(wanted, sort_keys=True, indent=1).encode())
 
 
-def _map(pool: mp.pool.Pool | None, function: Callable, items: Iterable, *, chunksize: int = 1) -> Iterable:
-    """In order, in the pool when there is one."""
-    return map(function, items) if pool is None else pool.imap(function, items, chunksize=chunksize)
-
-
 def make_shards(*, metadata_root: str | Path, dataset: str, split: str, out_dir: str | Path,
                 options: ShardOptions, workers: int = 1, overwrite: bool = False,
                 command: list[str] | None = None, show_progress: bool = True) -> MakeShardsResult:
@@ -118,9 +109,12 @@ def make_shards(*, metadata_root: str | Path, dataset: str, split: str, out_dir:
     pool = context.Pool(workers, initializer=_init_worker, initargs=(queue,)) if workers > 1 else None
     try:
         started = time.perf_counter()
-        inspected = list(tqdm(_map(pool, _inspect_task, [(e, options) for e in ordered], chunksize=64),
-                              total=len(ordered), desc="reading headers", unit="file",
-                              disable=not show_progress, file=sys.stderr))
+        # Headers are read by threads in this process (I/O bound; libsndfile releases the GIL) while the
+        # worker processes start up.
+        with ThreadPoolExecutor(max_workers=min(32, 4 * workers)) as threads:
+            inspected = list(tqdm(threads.map(lambda entry: inspect_entry(entry, options), ordered),
+                                  total=len(ordered), desc="reading headers", unit="file",
+                                  disable=not show_progress, file=sys.stderr))
         specs = plan_shards(inspected, options)
         header_failures = [item for item in inspected if isinstance(item, Failure)]
         log.info("planned %d shards for %d files (%d unreadable) in %.1fs", len(specs), len(ordered),
