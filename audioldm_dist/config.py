@@ -67,11 +67,117 @@ class DataConfig:
 
 
 @dataclass(kw_only=True)
+class UNetConfig:
+    """The latent diffusion UNet (the original `openaimodel` layout). Defaults: AudioLDM-S."""
+
+    in_channels: int = 8
+    out_channels: int = 8
+    model_channels: int = 128
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 5])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [8, 4, 2])
+    """Downsampling factors at which the levels get spatial transformers."""
+    num_head_channels: int = 32
+    transformer_depth: int = 1
+    film_dim: int = 512
+    """Width of the global condition (CLAP embedding) concatenated to the time embedding; 0 for none."""
+    context_dims: list[int] = field(default_factory=list)
+    """One cross-attention transformer per entry after the self-attention one (FLAN-T5 variant: [1024])."""
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    attention_backend: str = "auto"
+    """auto | xformers | sdpa | math (env AUDIOLDM_ATTENTION overrides)."""
+
+    def __post_init__(self) -> None:
+        if self.model_channels % 32 != 0:
+            raise ValueError(f"unet.model_channels={self.model_channels} must be a multiple of 32 (GroupNorm(32))")
+        if self.film_dim == 0 and not self.context_dims:
+            raise ValueError("unet: no conditioning at all; set film_dim (CLAP) or context_dims (cross-attention)")
+
+
+@dataclass(kw_only=True)
+class VAEConfig:
+    """The mel-spectrogram AutoencoderKL (`first_stage_model`). Defaults: the released 16 kHz, 64-mel VAE."""
+
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
+    num_res_blocks: int = 2
+    z_channels: int = 8
+    embed_dim: int = 8
+    in_channels: int = 1
+    out_ch: int = 1
+    double_z: bool = True
+    scale_factor: float = 1.0
+    """Latent scale; with `scale_by_std` the trainer sets it to 1/std of the first batch's latents."""
+    scale_by_std: bool = True
+
+
+@dataclass(kw_only=True)
+class VocoderConfig:
+    """HiFi-GAN generator (the released 16 kHz, 64-mel one)."""
+
+    upsample_rates: list[int] = field(default_factory=lambda: [5, 4, 2, 2, 2])
+    upsample_kernel_sizes: list[int] = field(default_factory=lambda: [16, 16, 8, 4, 4])
+    upsample_initial_channel: int = 1024
+    resblock_kernel_sizes: list[int] = field(default_factory=lambda: [3, 7, 11])
+    resblock_dilation_sizes: list[list[int]] = field(default_factory=lambda: [[1, 3, 5], [1, 3, 5], [1, 3, 5]])
+    num_mels: int = 64
+
+
+@dataclass(kw_only=True)
+class ConditionerConfig:
+    """Text/audio conditioning through transformers (CLAP for FiLM, FLAN-T5 for cross-attention)."""
+
+    kind: str = "clap"
+    """clap (transformers ClapModel) | t5 (T5 encoder) | laion (laion_clap checkpoint, optional extra)."""
+    pretrained: str = "laion/clap-htsat-unfused"
+    """Hub name or local folder for from_pretrained; a laion_clap .pt path for kind=laion."""
+    random_init: bool = False
+    """Build from `tiny` config values with random weights instead of loading (tests, demo, offline)."""
+    tiny: dict = field(default_factory=dict)
+    """Config overrides for random_init (ClapTextConfig / T5Config fields) and `vocab_captions_file`."""
+    embed_mode: str = "text"
+    """text | audio: which CLAP tower conditions training (AudioLDM trains on audio embeddings)."""
+    ucg_rate: float = 0.1
+    """Classifier-free guidance dropout: fraction of batches trained unconditionally."""
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("clap", "t5", "laion"):
+            raise ValueError(f"conditioner.kind={self.kind!r}: expected clap, t5 or laion")
+        if self.embed_mode not in ("text", "audio"):
+            raise ValueError(f"conditioner.embed_mode={self.embed_mode!r}: expected text or audio")
+
+
+@dataclass(kw_only=True)
+class DiffusionConfig:
+    """DDPM training and DDIM sampling (the original linear schedule in sqrt space)."""
+
+    num_timesteps: int = 1000
+    linear_start: float = 0.0015
+    linear_end: float = 0.0195
+    parameterization: str = "eps"
+    """eps | v | x0."""
+    ddim_steps: int = 200
+    guidance_scale: float = 3.5
+    ema_decay: float = 0.9999
+
+    def __post_init__(self) -> None:
+        if self.parameterization not in ("eps", "v", "x0"):
+            raise ValueError(f"diffusion.parameterization={self.parameterization!r}: expected eps, v or x0")
+
+
+@dataclass(kw_only=True)
 class Config:
     """The whole experiment."""
 
     audio: AudioConfig = field(default_factory=AudioConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    vocoder: VocoderConfig = field(default_factory=VocoderConfig)
+    conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -1,0 +1,1 @@
+"""nn.Modules only: attention backends, UNet, VAE, vocoder, conditioners, released-checkpoint mapping."""
