@@ -1,0 +1,1 @@
+"""Schedule, training objective, DDIM sampler and EMA: self-contained, no model code."""

@@ -1,0 +1,108 @@
+"""The whole AudioLDM: conditioner → UNet over VAE latents → VAE decoder → HiFi-GAN.
+
+`AudioLDM.loss(batch)` is the DDPM training objective on a loader batch; `AudioLDM.generate(texts)`
+is DDIM with classifier-free guidance down to waveforms. Only the UNet is trainable: the VAE,
+vocoder and conditioner are frozen and kept out of the optimizer (`trainable_parameters`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from audioldm_dist.config import Config
+from audioldm_dist.data.features import MelFeatures
+from audioldm_dist.diffusion.ddim import ddim_sample
+from audioldm_dist.diffusion.objective import diffusion_loss
+from audioldm_dist.diffusion.schedule import NoiseSchedule
+from audioldm_dist.models.conditioners import Condition, build_conditioner
+from audioldm_dist.models.unet import UNetModel
+from audioldm_dist.models.vae import AutoencoderKL
+from audioldm_dist.models.vocoder import HiFiGAN
+
+
+class AudioLDM(nn.Module):
+    def __init__(self, config: Config, *, captions: list[str] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.unet = UNetModel(config.unet)
+        self.vae = AutoencoderKL(config.vae)
+        self.vocoder = HiFiGAN(config.vocoder)
+        self.conditioner = build_conditioner(config.conditioner, captions=captions)
+        self.schedule = NoiseSchedule(config.diffusion)
+        self.mel = MelFeatures(config.audio)
+        for frozen in (self.vae, self.vocoder):
+            frozen.requires_grad_(False)
+            frozen.eval()
+        film_dim = config.unet.film_dim
+        if film_dim and getattr(self.conditioner, "embedding_dim", film_dim) != film_dim:
+            raise ValueError(f"unet.film_dim={film_dim} but the conditioner embeds to "
+                             f"{self.conditioner.embedding_dim}")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "AudioLDM":
+        super().train(mode)
+        self.vae.eval()
+        self.vocoder.eval()
+        return self
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        factor = self.vae.downsampling_factor
+        return (self.config.vae.embed_dim, self.config.audio.num_frames // factor,
+                self.config.audio.n_mel_channels // factor)
+
+    @torch.no_grad()
+    def latents(self, log_mel: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, frames, mels) log-mel → scaled latents (B, C, frames/f, mels/f)."""
+        z = self.vae.encode(log_mel.unsqueeze(1)).sample(generator)
+        return z * self.vae.scale_factor
+
+    def condition(self, batch: dict, *, device: torch.device) -> Condition:
+        if self.config.conditioner.embed_mode == "audio":
+            return self.conditioner.encode_audio(batch["waveform"].to(device),
+                                                 sample_rate=self.config.audio.sampling_rate)
+        return self.conditioner.encode_text(list(batch["text"]), device=device)
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
+        return self.unet(x_t, t, film=condition.film, contexts=condition.contexts, context_masks=condition.masks)
+
+    def loss(self, batch: dict, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDPM loss on a loader batch (uses `log_mel_spec` if the loader computed it, else the waveform)."""
+        device = next(self.unet.parameters()).device
+        if "log_mel_spec" in batch:
+            log_mel = batch["log_mel_spec"].to(device)
+        else:
+            log_mel, _ = self.mel.batch(batch["waveform"].to(device))
+        x0 = self.latents(log_mel.to(next(self.vae.parameters()).dtype), generator=generator)
+        if self.config.vae.scale_by_std and float(self.vae.scale_factor) == 1.0 and self.training:
+            scale = self.vae.set_scale_from(x0)  # the first batch sets it, as the original's scale_by_std
+            x0 = x0 * scale
+        condition = self.condition(batch, device=device)
+        condition = self.conditioner.drop_for_guidance(condition, batch_size=x0.shape[0], device=device,
+                                                       generator=generator)
+        unet_dtype = next(self.unet.parameters()).dtype
+        return diffusion_loss(lambda x_t, t: self.denoise(x_t.to(unet_dtype), t, condition), x0,
+                              schedule=self.schedule, generator=generator)
+
+    @torch.no_grad()
+    def generate(self, texts: list[str], *, num_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None, show_progress: bool = False) -> torch.Tensor:
+        """Captions → waveforms (B, 1, samples) at the configured rate and duration."""
+        device = next(self.unet.parameters()).device
+        dtype = next(self.unet.parameters()).dtype
+        diffusion = self.config.diffusion
+        condition = self.conditioner.encode_text(texts, device=device)
+        unconditional = self.conditioner.unconditional(device).repeat(len(texts))
+
+        def denoiser(x_t: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
+            return self.denoise(x_t, t, condition if conditional else unconditional)
+
+        z = ddim_sample(denoiser, (len(texts), *self.latent_shape), schedule=self.schedule,
+                        num_steps=num_steps or diffusion.ddim_steps,
+                        guidance_scale=diffusion.guidance_scale if guidance_scale is None else guidance_scale,
+                        generator=generator, device=device, dtype=dtype, show_progress=show_progress)
+        mel = self.vae.decode(z.to(next(self.vae.parameters()).dtype) / self.vae.scale_factor)  # (B, 1, frames, mels)
+        waveform = self.vocoder(mel.squeeze(1).transpose(1, 2).float())
+        return waveform[..., : self.config.audio.num_samples]
