@@ -53,13 +53,16 @@ class Condition:
 
 def build_word_tokenizer(captions: list[str], *, max_length: int):
     """A small word-level tokenizer over `captions` (offline stand-in for RoBERTa / T5 tokenizers)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator([caption.lower() for caption in captions],
                                   trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    # Every text, the empty caption included, becomes at least "<s> </s>", as RoBERTa's tokenizer does.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[(token, tokenizer.token_to_id(token)) for token in ("<s>", "</s>")])
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
                                    bos_token="<s>", eos_token="</s>", model_max_length=max_length)
 
@@ -80,7 +83,7 @@ class _FrozenEncoder(nn.Module):
 
     def _tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer([text.lower() if self.config.random_init else text for text in texts],
-                                padding="max_length" if self.config.kind == "clap" else "longest", truncation=True,
+                                padding="max_length", truncation=True,  # equal lengths: guidance swaps rows
                                 max_length=self.config.max_length, return_tensors="pt")
         return {key: value.to(device) for key, value in tokens.items() if key in ("input_ids", "attention_mask")}
 

@@ -1,0 +1,133 @@
+"""Reading the original AudioLDM training YAMLs (e.g. `audioldm_original.yaml`) into our `Config`.
+
+Users bring their experiment files: `preprocessing`, `metadata_root` / `data`, and the
+`model.params` tree (`unet_config`, `first_stage_config.params.ddconfig`, `cond_stage_config`,
+schedule and evaluation settings) map onto our sections. YAML anchors resolve as usual. Keys with no
+counterpart here (optimiser and Lightning settings, loss configs) are listed by `unmapped_keys` so
+nothing is dropped silently.
+
+    config, unmapped = read_original_config("audioldm_original.yaml")
+    python -m audioldm_dist.original_config audioldm_original.yaml   # prints our YAML and the unmapped keys
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from audioldm_dist.config import Config, from_dict, to_dict
+
+
+def _get(tree: dict, path: str, default: Any = None) -> Any:
+    node: Any = tree
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def _flatten(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix]
+    return [leaf for key, value in tree.items() for leaf in _flatten(value, f"{prefix}.{key}" if prefix else str(key))]
+
+
+# (original path, our section, our key)
+_SCALARS = [
+    ("preprocessing.audio.sampling_rate", "audio", "sampling_rate"),
+    ("preprocessing.audio.duration", "audio", "duration"),
+    ("preprocessing.stft.filter_length", "audio", "filter_length"),
+    ("preprocessing.stft.hop_length", "audio", "hop_length"),
+    ("preprocessing.stft.win_length", "audio", "win_length"),
+    ("preprocessing.mel.n_mel_channels", "audio", "n_mel_channels"),
+    ("preprocessing.mel.mel_fmin", "audio", "mel_fmin"),
+    ("preprocessing.mel.mel_fmax", "audio", "mel_fmax"),
+    ("metadata_root", "data", "metadata_root"),
+    ("data.train", "data", "train"),
+    ("data.val", "data", "val"),
+    ("data.test", "data", "test"),
+    ("data.class_label_indices", "data", "class_label_indices"),
+    ("model.params.unet_config.params.in_channels", "unet", "in_channels"),
+    ("model.params.unet_config.params.out_channels", "unet", "out_channels"),
+    ("model.params.unet_config.params.model_channels", "unet", "model_channels"),
+    ("model.params.unet_config.params.channel_mult", "unet", "channel_mult"),
+    ("model.params.unet_config.params.num_res_blocks", "unet", "num_res_blocks"),
+    ("model.params.unet_config.params.attention_resolutions", "unet", "attention_resolutions"),
+    ("model.params.unet_config.params.num_head_channels", "unet", "num_head_channels"),
+    ("model.params.unet_config.params.transformer_depth", "unet", "transformer_depth"),
+    ("model.params.unet_config.params.dropout", "unet", "dropout"),
+    ("model.params.first_stage_config.params.embed_dim", "vae", "embed_dim"),
+    ("model.params.first_stage_config.params.ddconfig.ch", "vae", "ch"),
+    ("model.params.first_stage_config.params.ddconfig.ch_mult", "vae", "ch_mult"),
+    ("model.params.first_stage_config.params.ddconfig.num_res_blocks", "vae", "num_res_blocks"),
+    ("model.params.first_stage_config.params.ddconfig.z_channels", "vae", "z_channels"),
+    ("model.params.first_stage_config.params.ddconfig.in_channels", "vae", "in_channels"),
+    ("model.params.first_stage_config.params.ddconfig.out_ch", "vae", "out_ch"),
+    ("model.params.first_stage_config.params.ddconfig.double_z", "vae", "double_z"),
+    ("model.params.scale_by_std", "vae", "scale_by_std"),
+    ("model.params.timesteps", "diffusion", "num_timesteps"),
+    ("model.params.linear_start", "diffusion", "linear_start"),
+    ("model.params.linear_end", "diffusion", "linear_end"),
+    ("model.params.parameterization", "diffusion", "parameterization"),
+    ("model.params.unconditional_prob_cfg", "conditioner", "ucg_rate"),
+    ("model.params.evaluation_params.unconditional_guidance_scale", "diffusion", "guidance_scale"),
+    ("model.params.evaluation_params.ddim_sampling_steps", "diffusion", "ddim_steps"),
+]
+
+
+def read_original_config(path: str | Path) -> tuple[Config, list[str]]:
+    """Our config from an original YAML, and the original keys that have no counterpart."""
+    path = Path(path)
+    tree = yaml.safe_load(path.read_text())
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    raw: dict[str, dict] = {}
+    used: set[str] = set()
+    for original, section, key in _SCALARS:
+        value = _get(tree, original)
+        if value is not None:
+            raw.setdefault(section, {})[key] = [value] if key == "train" and isinstance(value, str) else value
+            used.add(original)
+    unet = _get(tree, "model.params.unet_config.params", {}) or {}
+    film_dim = unet.get("extra_film_condition_dim")
+    context_dim = unet.get("context_dim")
+    raw.setdefault("unet", {})["film_dim"] = int(film_dim or 0)
+    raw["unet"]["context_dims"] = [int(d) for d in (context_dim or [])] if isinstance(context_dim, list) else (
+        [int(context_dim)] if context_dim else [])
+    used.update(f"model.params.unet_config.params.{key}" for key in ("extra_film_condition_dim", "context_dim"))
+    for name, condition in (_get(tree, "model.params.cond_stage_config", {}) or {}).items():
+        target = str(condition.get("target", ""))
+        params = condition.get("params", {}) or {}
+        conditioner = raw.setdefault("conditioner", {})
+        if "FlanT5" in target or "T5" in target:
+            conditioner.update(kind="t5", pretrained="google/flan-t5-large")
+        elif "CLAP" in target:
+            conditioner.update(kind="clap", pretrained="laion/clap-htsat-unfused",
+                               embed_mode="audio" if params.get("embed_mode") == "audio" else "text")
+        used.update(f"model.params.cond_stage_config.{name}.{leaf}" for leaf in _flatten(condition))
+    config = from_dict(Config, raw, where=str(path))
+    unmapped = [key for key in _flatten(tree) if key not in used and not key.startswith("variables.")]
+    return config, unmapped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m audioldm_dist.original_config",
+                                     description="Convert an original AudioLDM training YAML to ours.")
+    parser.add_argument("original_yaml")
+    parser.add_argument("--out", help="write our YAML here (default: print it)")
+    args = parser.parse_args(argv)
+    config, unmapped = read_original_config(args.original_yaml)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        print(text)
+    if unmapped:
+        print(f"# {len(unmapped)} original keys have no counterpart here: {', '.join(unmapped)}")
+
+
+if __name__ == "__main__":
+    main()

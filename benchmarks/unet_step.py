@@ -1,0 +1,84 @@
+"""AudioLDM-S UNet training step: `math` vs `sdpa` attention (and xformers on CUDA), with peak memory.
+
+    python benchmarks/unet_step.py [--steps 3] [--device cpu|cuda] [--dtype float32|bfloat16]
+
+One step = forward + backward + AdamW on batch 1 of an 8 × 256 × 16 latent with a 512-d FiLM
+condition (the S-size model: 185M parameters). Rows are measured side by side in one run; each is
+the median of `--steps` timed steps after one warm-up step. Peak memory: CUDA's max allocated, or on
+the CPU the growth of the process's peak RSS during the row (first row includes the model's own
+weights and AdamW state). Reference: the original code takes about 5.0 s per such step on a 2-core CPU.
+Prints a markdown table, then one line of JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+from audioldm_dist.config import UNetConfig
+from audioldm_dist.models.unet import UNetModel
+
+ORIGINAL_SECONDS_PER_STEP = 5.0
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(unet: UNetModel, backend: str, *, steps: int, device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    unet.set_attention_backend(backend)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    x = torch.randn(1, 8, 256, 16, device=device, dtype=dtype)
+    t = torch.tensor([500], device=device)
+    film = torch.randn(1, 512, device=device, dtype=dtype)
+    rss_before = peak_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        unet(x, t, film=film).float().pow(2).mean().backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb() - rss_before
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    unet = UNetModel(UNetConfig()).to(device=device, dtype=dtype).train()
+    backends = ["math", "sdpa"] + (["xformers"] if device.type == "cuda" else [])
+    results = {backend: measure(unet, backend, steps=args.steps, device=device, dtype=dtype) for backend in backends}
+    print(f"AudioLDM-S UNet (185M), batch 1, latent 8x256x16, {args.dtype}, {device.type}, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} steps\n")
+    print("| attention | s/step | vs original (5.0 s) | peak memory MB |")
+    print("|---|---|---|---|")
+    for backend, (seconds, peak) in results.items():
+        print(f"| {backend} | {seconds:.2f} | {seconds / ORIGINAL_SECONDS_PER_STEP:.2f}x | {peak:.0f} |")
+    sdpa_over_math = results["sdpa"][0] / results["math"][0]
+    print(f"\nsdpa / math step time: {sdpa_over_math:.2f} (measured side by side); "
+          f"sdpa / original 5.0 s: {results['sdpa'][0] / ORIGINAL_SECONDS_PER_STEP:.2f} (goal <= 0.8)")
+    print(json.dumps({"device": device.type, "dtype": args.dtype,
+                      **{f"s_per_step_{b}": round(s, 3) for b, (s, _) in results.items()},
+                      **{f"peak_mb_{b}": round(m) for b, (_, m) in results.items()},
+                      "sdpa_vs_math": round(sdpa_over_math, 3)}))
+
+
+if __name__ == "__main__":
+    main()
