@@ -239,3 +239,56 @@ def test_model_code_does_not_import_training_code() -> None:
             "audioldm_dist.ldm; print('deepspeed' in sys.modules, 'submitit' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.split() == ["False", "False"], result.stderr
+
+
+@pytest.mark.parametrize("parameterization", ["eps", "v", "x0"])
+def test_every_parameterisation_recovers_noise_and_clean_latents(parameterization: str) -> None:
+    from audioldm_dist.config import DiffusionConfig
+    from audioldm_dist.diffusion.schedule import NoiseSchedule
+
+    schedule = NoiseSchedule(DiffusionConfig(parameterization=parameterization))
+    assert schedule.betas[0].item() == pytest.approx(0.0015) and schedule.betas[-1].item() == pytest.approx(0.0195)
+    x0, noise, t = torch.randn(3, 8, 4, 4), torch.randn(3, 8, 4, 4), torch.tensor([0, 400, 999])
+    x_t = schedule.add_noise(x0, noise, t)
+    target = {"eps": noise, "x0": x0, "v": schedule.velocity(x0, noise, t)}[parameterization]
+    eps, x0_hat = schedule.to_eps_and_x0(target, x_t, t)
+    assert torch.allclose(eps, noise, atol=1e-4) and torch.allclose(x0_hat, x0, atol=1e-4)
+
+
+def test_ema_tracks_the_weights_and_round_trips() -> None:
+    from audioldm_dist.diffusion.ema import EMA
+
+    model = torch.nn.Linear(4, 4)
+    ema = EMA(model, decay=0.5)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # warm-up decay min(0.5, 2/11) → the shadow moves 9/11 of the way
+    assert torch.allclose(ema.shadow["weight"], start + 9 / 11, atol=1e-6)
+    restored = EMA(torch.nn.Linear(4, 4), decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    restored.copy_to(model)
+    assert torch.allclose(model.weight, start + 9 / 11, atol=1e-6) and restored.num_updates == 1
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    config = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2],
+                        num_head_channels=16, film_dim=8)
+    plain = UNetModel(config)
+    checkpointed = UNetModel(UNetConfig(**{**config.__dict__, "gradient_checkpointing": True}))
+    checkpointed.load_state_dict(plain.state_dict())
+    x, t, film = torch.randn(2, 8, 16, 8), torch.tensor([3, 700]), torch.randn(2, 8)
+    grads = []
+    for model in (plain, checkpointed):
+        model.train()
+        model(x, t, film=film).pow(2).mean().backward()
+        grads.append(model.time_embed[0].weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_clap_audio_embedding_mode(tiny: AudioLDM) -> None:
+    waveform = torch.randn(2, 1, 16000) * 0.1
+    condition = tiny.conditioner.encode_audio(waveform, sample_rate=16000)
+    assert condition.film.shape == (2, 32)
+    assert torch.allclose(condition.film.norm(dim=-1), torch.ones(2), atol=1e-5)
