@@ -135,7 +135,8 @@ class ConditionerConfig:
     random_init: bool = False
     """Build from `tiny` config values with random weights instead of loading (tests, demo, offline)."""
     tiny: dict = field(default_factory=dict)
-    """Config overrides for random_init (ClapTextConfig / T5Config fields) and `vocab_captions_file`."""
+    """Overrides for random_init: T5Config fields; for CLAP `projection_dim`, `text` and `audio` sub-configs;
+    `seed` of the random weights."""
     embed_mode: str = "text"
     """text | audio: which CLAP tower conditions training (AudioLDM trains on audio embeddings)."""
     ucg_rate: float = 0.1

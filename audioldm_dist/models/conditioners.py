@@ -73,6 +73,13 @@ class _FrozenEncoder(nn.Module):
         self.config = config
         self._unconditional: Condition | None = None
 
+    def _start_random_init(self, captions: list[str] | None) -> dict:
+        """Fits the word tokenizer, seeds the random weights; returns the remaining `tiny` overrides."""
+        tiny = dict(self.config.tiny)
+        self.tokenizer = build_word_tokenizer(captions or [""], max_length=self.config.max_length)
+        torch.manual_seed(tiny.pop("seed", 0))
+        return tiny
+
     def freeze(self) -> None:
         self.eval()
         for parameter in self.parameters():
@@ -118,16 +125,13 @@ class ClapConditioner(_FrozenEncoder):
         from transformers import ClapConfig, ClapModel
 
         if config.random_init:
-            tiny = dict(config.tiny)
-            tiny.pop("vocab_captions_file", None)
-            self.tokenizer = build_word_tokenizer(captions or [""], max_length=config.max_length)
+            tiny = self._start_random_init(captions)
             text = dict(vocab_size=len(self.tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=config.max_length + 4,
                         pad_token_id=self.tokenizer.pad_token_id, **tiny.pop("text", {}))
             audio = dict(hidden_size=32, patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[1, 2],
                          window_size=4, spec_size=64, num_mel_bins=64, enable_fusion=False, **tiny.pop("audio", {}))
             projection_dim = tiny.pop("projection_dim", 512)
-            torch.manual_seed(tiny.pop("seed", 0))
             self.model = ClapModel(ClapConfig(text_config=text | {"projection_dim": projection_dim},
                                               audio_config=audio | {"projection_dim": projection_dim},
                                               projection_dim=projection_dim, **tiny))
@@ -173,10 +177,7 @@ class T5Conditioner(_FrozenEncoder):
         from transformers import T5Config, T5EncoderModel
 
         if config.random_init:
-            tiny = dict(config.tiny)
-            tiny.pop("vocab_captions_file", None)
-            self.tokenizer = build_word_tokenizer(captions or [""], max_length=config.max_length)
-            torch.manual_seed(tiny.pop("seed", 0))
+            tiny = self._start_random_init(captions)
             self.model = T5EncoderModel(T5Config(**(dict(vocab_size=len(self.tokenizer), d_model=64, d_kv=16, d_ff=128,
                                                          num_layers=1, num_heads=4) | tiny)))
         else:
