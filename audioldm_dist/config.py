@@ -169,6 +169,35 @@ class DiffusionConfig:
 
 
 @dataclass(kw_only=True)
+class TrainConfig:
+    """The training loop; batch and schedule values must agree with the DeepSpeed JSON (checked)."""
+
+    micro_batch_size: int = 2
+    """Samples per rank per forward (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    warmup_steps: int = 2000
+    max_steps: int = 1000
+    save_every: int = 500
+    keep_last: int = 3
+    log_every: int = 1
+    seed: int = 0
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    train_data: list[str] = field(default_factory=list)
+    """make-shards folders, brace patterns (SPEC::sizes=..., SPEC::weight=...)."""
+    logger: str = "wandb"
+    """wandb (offline unless WANDB_MODE says otherwise) | none; metrics.jsonl is always written."""
+
+    def __post_init__(self) -> None:
+        if self.logger not in ("wandb", "none"):
+            raise ValueError(f"train.logger={self.logger!r}: expected wandb or none")
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
 class Config:
     """The whole experiment."""
 
@@ -179,6 +208,7 @@ class Config:
     vocoder: VocoderConfig = field(default_factory=VocoderConfig)
     conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -53,6 +53,17 @@ class AudioLDM(nn.Module):
         return (self.config.vae.embed_dim, self.config.audio.num_frames // factor,
                 self.config.audio.n_mel_channels // factor)
 
+    def batch_log_mel(self, batch: dict) -> torch.Tensor:
+        device = next(self.vae.parameters()).device
+        if "log_mel_spec" in batch:
+            return batch["log_mel_spec"].to(device)
+        return self.mel.batch(batch["waveform"].to(device))[0]
+
+    @torch.no_grad()
+    def latent_scale_from(self, batch: dict) -> float:
+        """`scale_by_std`: 1 / std of the posterior means of a batch (the trainer sets it from the first)."""
+        return float(1.0 / self.vae.encode(self.batch_log_mel(batch).unsqueeze(1)).mode().flatten().std().clamp_min(1e-8))
+
     @torch.no_grad()
     def latents(self, log_mel: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, frames, mels) log-mel → scaled latents (B, C, frames/f, mels/f)."""
@@ -68,23 +79,26 @@ class AudioLDM(nn.Module):
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
         return self.unet(x_t, t, film=condition.film, contexts=condition.contexts, context_masks=condition.masks)
 
-    def loss(self, batch: dict, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """DDPM loss on a loader batch (uses `log_mel_spec` if the loader computed it, else the waveform)."""
+    def loss(self, batch: dict, *, generator: torch.Generator | None = None, unet: nn.Module | None = None
+             ) -> torch.Tensor:
+        """DDPM loss on a loader batch (uses `log_mel_spec` if the loader computed it, else the waveform).
+
+        `unet` replaces `self.unet` in the forward pass (the DeepSpeed engine that wraps it)."""
         device = next(self.unet.parameters()).device
-        if "log_mel_spec" in batch:
-            log_mel = batch["log_mel_spec"].to(device)
-        else:
-            log_mel, _ = self.mel.batch(batch["waveform"].to(device))
+        log_mel = self.batch_log_mel(batch)
         x0 = self.latents(log_mel.to(next(self.vae.parameters()).dtype), generator=generator)
-        if self.config.vae.scale_by_std and float(self.vae.scale_factor) == 1.0 and self.training:
-            scale = self.vae.set_scale_from(x0)  # the first batch sets it, as the original's scale_by_std
-            x0 = x0 * scale
         condition = self.condition(batch, device=device)
         condition = self.conditioner.drop_for_guidance(condition, batch_size=x0.shape[0], device=device,
                                                        generator=generator)
+        network = unet or self.unet
         unet_dtype = next(self.unet.parameters()).dtype
-        return diffusion_loss(lambda x_t, t: self.denoise(x_t.to(unet_dtype), t, condition), x0,
-                              schedule=self.schedule, generator=generator)
+
+        def denoiser(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return network(x_t.to(unet_dtype), t, film=None if condition.film is None else condition.film.to(unet_dtype),
+                           contexts=None if condition.contexts is None else [c.to(unet_dtype) for c in condition.contexts],
+                           context_masks=condition.masks)
+
+        return diffusion_loss(denoiser, x0, schedule=self.schedule, generator=generator)
 
     @torch.no_grad()
     def generate(self, texts: list[str], *, num_steps: int | None = None, guidance_scale: float | None = None,

@@ -120,8 +120,7 @@ def test_tiny_model_overfits_one_batch() -> None:
     model = AudioLDM(config, captions=CAPTIONS)
     model.train()
     batch = {"log_mel_spec": torch.randn(2, config.audio.num_frames, 64) * 2 - 4, "text": CAPTIONS[:2]}
-    x0 = model.latents(batch["log_mel_spec"], generator=torch.Generator().manual_seed(0))
-    model.vae.set_scale_from(x0)
+    model.vae.scale_factor.fill_(model.latent_scale_from(batch))
     x0 = model.latents(batch["log_mel_spec"], generator=torch.Generator().manual_seed(0))
     condition = model.condition(batch, device=torch.device("cpu"))
 

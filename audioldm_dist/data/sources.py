@@ -84,6 +84,9 @@ def _resolve_shards(spec: str, sizes_path: Path | None) -> list[ShardInfo]:
         return [ShardInfo(url=str(local / shard["name"]), num_samples=int(shard["num_samples"]))
                 for shard in manifest["shards"]]
     urls = list(braceexpand.braceexpand(spec))
+    if not spec.startswith("pipe:") and not Path(urls[0]).exists():
+        raise ValueError(f"data spec {spec!r}: {urls[0]} not found (expected a make-shards folder, a tar, or a "
+                         f"brace pattern of tars)")
     if sizes_path is None:
         if spec.startswith("pipe:"):
             raise ValueError(f"data spec {spec!r}: a pipe: pattern needs ::sizes=PATH for its sample counts")

@@ -190,10 +190,3 @@ class AutoencoderKL(nn.Module):
     def forward(self, mel: torch.Tensor, *, sample: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
         posterior = self.encode(mel)
         return self.decode(posterior.sample() if sample else posterior.mode()), posterior
-
-    @torch.no_grad()
-    def set_scale_from(self, latents: torch.Tensor) -> float:
-        """`scale_by_std`: scale = 1 / std of (unscaled) latents of the first batch."""
-        scale = 1.0 / latents.flatten().std().clamp_min(1e-8)
-        self.scale_factor.fill_(scale)
-        return float(scale)

@@ -1,0 +1,147 @@
+"""Checkpoints: DeepSpeed's sharded model/optimizer state plus our own small files, and `latest`.
+
+    RUN/checkpoints/global_step{N}/   DeepSpeed's files (every rank writes its shards)
+        meta.json                      step, world size, ZeRO stage (written last by rank 0)
+        client_state.pt                EMA, VAE scale, data stream state, config, wandb id (rank 0)
+        rng_rank{R}.pt                 each rank's RNG states
+    RUN/checkpoints/latest             the newest complete tag: replaced atomically after a barrier,
+                                       so it never names a tag that some rank is still writing.
+
+A checkpoint from another world size is converted with DeepSpeed's universal checkpoint tool
+(`python -m deepspeed.checkpoint.ds_to_universal`) automatically on resume, into
+`global_step{N}_universal`, and loaded with `load_universal`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from audioldm_dist.fileio import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+META = "meta.json"
+CLIENT_STATE = "client_state.pt"
+TAG_PATTERN = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResumePoint:
+    load_dir: Path
+    """Folder DeepSpeed loads from (holds the tag folder)."""
+    tag: str
+    """Tag DeepSpeed loads (…_universal after a conversion)."""
+    our_dir: Path
+    """The original tag folder with our meta, client state and RNG files."""
+    meta: dict
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save(engine, *, run_dir: Path, step: int, client_state: dict, rng_state: dict, rank: int, world_size: int,
+         zero_stage: int, keep_last: int) -> Path:
+    """All ranks call this. Returns the tag folder once every rank has written and `latest` points at it."""
+    folder = checkpoint_dir(run_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(folder), tag=tag, save_latest=False,
+                           client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+    tag_dir = folder / tag
+    buffer = _serialize(rng_state)
+    atomic_write_bytes(tag_dir / f"rng_rank{rank}.pt", buffer)
+    if rank == 0:
+        atomic_write_bytes(tag_dir / CLIENT_STATE, _serialize(client_state))
+    _barrier()  # every rank has written its shards and RNG file
+    if rank == 0:
+        meta = {"step": step, "world_size": world_size, "zero_stage": zero_stage}
+        atomic_write_bytes(tag_dir / META, json.dumps(meta).encode())
+        atomic_write_bytes(folder / LATEST, tag.encode())
+        _prune(folder, keep_last=keep_last)
+        log.info("rank 0: checkpoint %s complete (all %d ranks written)", tag, world_size)
+    _barrier()
+    return tag_dir
+
+
+def _serialize(obj: dict) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _prune(folder: Path, *, keep_last: int) -> None:
+    tags = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := TAG_PATTERN.match(p.name)))
+    for _, old in tags[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old.with_name(old.name + "_universal"), ignore_errors=True)
+
+
+def find_resume_point(run_dir: Path, resume: str) -> ResumePoint | None:
+    """`auto`: the tag `latest` names, if any; `none`: None; a path: that tag folder."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        latest = checkpoint_dir(run_dir) / LATEST
+        if not latest.is_file():
+            return None
+        tag_dir = checkpoint_dir(run_dir) / latest.read_text().strip()
+    else:
+        tag_dir = Path(resume)
+    meta_path = tag_dir / META
+    if not meta_path.is_file():
+        raise ValueError(f"--resume {resume}: {tag_dir} is not a complete checkpoint (no {META}); "
+                         f"complete ones are listed in {checkpoint_dir(run_dir) / LATEST}")
+    meta = json.loads(meta_path.read_text())
+    return ResumePoint(load_dir=tag_dir.parent, tag=tag_dir.name, our_dir=tag_dir, meta=meta)
+
+
+def universal_for(point: ResumePoint, *, rank: int) -> ResumePoint:
+    """Converts a checkpoint of another world size (rank 0 runs the tool once; others wait)."""
+    universal = point.our_dir.with_name(point.our_dir.name + "_universal")
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(point.our_dir),
+               "--output_folder", str(universal)]
+    if rank == 0 and not (universal / "zero").is_dir():
+        log.info("rank 0: checkpoint from %d ranks: converting to a universal checkpoint: %s",
+                 point.meta["world_size"], " ".join(command))
+        partial = universal.with_name(universal.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        result = subprocess.run([*command[:-1], str(partial)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"universal checkpoint conversion failed; run it by hand:\n  {' '.join(command)}\n"
+                               f"{result.stderr[-2000:]}")
+        partial.rename(universal)
+    _barrier()
+    return ResumePoint(load_dir=universal.parent, tag=universal.name, our_dir=point.our_dir, meta=point.meta)
+
+
+def load_client_state(point: ResumePoint) -> dict:
+    return torch.load(point.our_dir / CLIENT_STATE, map_location="cpu", weights_only=False)
+
+
+def load_rng_state(point: ResumePoint, *, rank: int) -> dict | None:
+    path = point.our_dir / f"rng_rank{rank}.pt"
+    current_world_size = dist.get_world_size() if dist.is_initialized() else 1
+    if point.meta["world_size"] != current_world_size:
+        return None  # other ranks: the caller reseeds deterministically
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None

@@ -1,0 +1,56 @@
+"""The DeepSpeed JSON, reconciled with our config: one source of truth for batch and schedule.
+
+Values our YAML owns (micro-batch, accumulation, learning rate, warm-up) are written into the JSON
+when it leaves them out or says "auto"; a different explicit value is an error that names both.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from audioldm_dist.config import TrainConfig
+
+
+def _check_or_fill(ds: dict, key: str, value, *, path: Path, ours: str) -> None:
+    if ds.get(key, "auto") == "auto":
+        ds[key] = value
+    elif ds[key] != value:
+        raise ValueError(f"{path}: {key}={ds[key]} disagrees with {ours}={value}; set one of them to match "
+                         f"(or \"auto\" in the JSON)")
+
+
+def load_ds_config(path: str | Path, train: TrainConfig, *, world_size: int) -> dict:
+    path = Path(path)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"DeepSpeed config not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON: {error}") from None
+    _check_or_fill(ds, "train_micro_batch_size_per_gpu", train.micro_batch_size, path=path,
+                   ours="train.micro_batch_size")
+    _check_or_fill(ds, "gradient_accumulation_steps", train.gradient_accumulation_steps, path=path,
+                   ours="train.gradient_accumulation_steps")
+    _check_or_fill(ds, "train_batch_size", train.micro_batch_size * train.gradient_accumulation_steps * world_size,
+                   path=path, ours="micro_batch × accumulation × world size")
+    optimizer = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    _check_or_fill(optimizer.setdefault("params", {}), "lr", train.learning_rate, path=path, ours="train.learning_rate")
+    scheduler = ds.setdefault("scheduler", {"type": "WarmupLR", "params": {}})
+    params = scheduler.setdefault("params", {})
+    _check_or_fill(params, "warmup_num_steps", train.warmup_steps, path=path, ours="train.warmup_steps")
+    _check_or_fill(params, "warmup_max_lr", train.learning_rate, path=path, ours="train.learning_rate")
+    params.setdefault("warmup_min_lr", 0.0)
+    if scheduler["type"] == "WarmupDecayLR":
+        _check_or_fill(params, "total_num_steps", train.max_steps, path=path, ours="train.max_steps")
+    ds.setdefault("steps_per_print", 10**9)  # our logger prints; keep DeepSpeed's quiet
+    return ds
+
+
+def training_dtype(ds: dict):
+    import torch
+
+    if ds.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32

@@ -1,0 +1,50 @@
+"""metrics.jsonl (always), wandb (optional, offline by default) and a tqdm bar, all on rank 0."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, use_wandb: bool, start_step: int, max_steps: int,
+                 wandb_id: str | None, config: dict) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb_run = None
+        self.wandb_id = wandb_id
+        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", disable=not enabled,
+                        dynamic_ncols=True)
+        if enabled and use_wandb:
+            try:
+                import wandb
+
+                os.environ.setdefault("WANDB_MODE", "offline")
+                self.wandb_run = wandb.init(project="audioldm-dist", dir=str(run_dir), id=wandb_id, resume="allow",
+                                            config=config, name=run_dir.name)
+                self.wandb_id = self.wandb_run.id
+            except Exception as error:  # logging must never stop training
+                log.warning("wandb unavailable (%s); metrics.jsonl only", error)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        self.bar.set_postfix_str(f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}", refresh=False)
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

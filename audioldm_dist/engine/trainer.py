@@ -1,0 +1,232 @@
+"""The training entry: `deepspeed train.py --deepspeed_config configs/ds/zero2.json --config CONFIG ...`.
+
+Only the UNet goes to `deepspeed.initialize` (and so to the optimizer and ZeRO partitioning); the
+frozen VAE, conditioner and vocoder stay plain modules on every rank. Each step: next batch from the
+streaming loader → latents and condition outside the engine → `engine(x_t, t, ...)` → backward/step
+(DeepSpeed handles accumulation) → EMA → log → maybe checkpoint. Resuming restores the engine, EMA,
+VAE scale, data stream state and every rank's RNG, so the loss curve continues exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from audioldm_dist.config import Config, load_config, to_dict
+from audioldm_dist.data.sources import resolve_specs
+from audioldm_dist.data.stream import ShardStream, StreamOptions, StreamTracker, make_loader
+from audioldm_dist.data.stream_plan import StreamState
+from audioldm_dist.diffusion.ema import EMA
+from audioldm_dist.engine import checkpoint
+from audioldm_dist.engine.distributed import DistEnv, destroy_process_group, device_for, init_process_group
+from audioldm_dist.engine.ds_config import load_ds_config, training_dtype
+from audioldm_dist.engine.metrics import MetricsLogger
+from audioldm_dist.engine.signals import StopSignal
+
+log = logging.getLogger("audioldm_dist.train")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py", description="Train an AudioLDM latent diffusion model with DeepSpeed.")
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/…)")
+    parser.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON (configs/ds/…)")
+    parser.add_argument("--run-dir", required=True, help="checkpoints, metrics.jsonl and logs go here")
+    parser.add_argument("--train-data", action="append", default=None,
+                        help="make-shards folder or brace pattern (repeat to mix; SPEC::weight=W)")
+    parser.add_argument("--val-data", action="append", default=None, help="evaluation shards (reserved)")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--save-every", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--resume", default="auto", help="auto (newest complete checkpoint), none, or a tag folder")
+    parser.add_argument("--reload_from_ckpt", help="released AudioLDM weights to start from (finetuning)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.set)
+    for flag, key in (("max_steps", "train.max_steps"), ("save_every", "train.save_every"), ("seed", "train.seed")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.train_data:
+        overrides.append("train.train_data=" + json.dumps(args.train_data))
+    return load_config(args.config, overrides)
+
+
+def setup_logging(env: DistEnv) -> None:
+    logging.basicConfig(level=logging.INFO if env.is_main else logging.WARNING,
+                        format=f"%(asctime)s rank {env.rank}/{env.world_size} %(name)s: %(message)s", force=True)
+
+
+def captions_for_tokenizer(shards) -> list[str]:
+    """Captions of the training shards: the vocabulary of a random_init (offline, tiny) text encoder."""
+    from audioldm_dist.data.stream import read_segment
+
+    captions: list[str] = []
+    for shard in shards:
+        for _, members in read_segment(shard.url, 0, shard.num_samples):
+            if members and "json" in members:
+                captions.extend(json.loads(members["json"]).get("captions", []))
+    return sorted(set(captions))
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env = DistEnv.from_environ()
+    setup_logging(env)
+    try:
+        config = resolve_config(args)
+    except ValueError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return 2
+    init_process_group(env)
+    try:
+        return train(config, args, env)
+    finally:
+        destroy_process_group()
+
+
+def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
+    import deepspeed
+
+    from audioldm_dist.ldm import AudioLDM
+    from audioldm_dist.pretrained import load_pretrained
+
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = device_for(env)
+    ds = load_ds_config(args.deepspeed_config, config.train, world_size=env.world_size)
+    dtype = training_dtype(ds)
+    point = checkpoint.find_resume_point(run_dir, args.resume)
+    if point is not None and point.meta["world_size"] != env.world_size:
+        point = checkpoint.universal_for(point, rank=env.rank)
+        ds["checkpoint"] = {"load_universal": True}
+    if not config.train.train_data:
+        raise ValueError("no training data: pass --train-data (a make-shards folder) or set train.train_data")
+    shards = resolve_specs(config.train.train_data)
+
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+    captions = captions_for_tokenizer(shards) if config.conditioner.random_init else None
+    model = AudioLDM(config, captions=captions).to(device)
+    if args.reload_from_ckpt:
+        load_pretrained(model, args.reload_from_ckpt)
+    model.unet.select_attention_backend(device=device, dtype=dtype)
+    engine, _, _, _ = deepspeed.initialize(model=model.unet, model_parameters=model.trainable_parameters(), config=ds)
+    zero_stage = engine.zero_optimization_stage()
+    ema = EMA(model.unet, decay=config.diffusion.ema_decay) if zero_stage < 3 else None
+    generator = torch.Generator().manual_seed(config.train.seed * 100_003 + env.rank)
+    step, stream_state, wandb_id, needs_scale = 0, None, None, config.vae.scale_by_std
+
+    if point is not None:
+        engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_module_strict=True)
+        client = checkpoint.load_client_state(point)
+        step = point.meta["step"]
+        model.vae.scale_factor.fill_(client["scale_factor"])
+        needs_scale = False
+        if ema is not None and client.get("ema") is not None:
+            ema.load_state_dict(client["ema"])
+        stream_state = StreamState.from_dict(client["stream"])
+        wandb_id = client.get("wandb_id")
+        rng = checkpoint.load_rng_state(point, rank=env.rank)
+        if rng is not None:
+            generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+        else:  # another world size: a deterministic new stream of randomness per rank
+            generator.manual_seed(config.train.seed * 100_003 + env.rank + 7919 * step)
+        log.info("resumed from %s at step %d", point.our_dir, step)
+        if env.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", after_step=step)
+    elif env.is_main:
+        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
+
+    stream = ShardStream(shards, audio=config.audio, state=stream_state, options=StreamOptions(
+        batch_size=config.train.micro_batch_size, rank=env.rank, world_size=env.world_size,
+        num_workers=config.train.num_workers, seed=config.train.seed, shuffle_buffer=config.train.shuffle_buffer))
+    tracker = StreamTracker(stream)
+    batches = iter(make_loader(stream))
+    logger = MetricsLogger(run_dir, enabled=env.is_main, use_wandb=config.train.logger == "wandb", start_step=step,
+                           max_steps=config.train.max_steps, wandb_id=wandb_id, config=to_dict(config))
+    stop = StopSignal(rank=env.rank)
+    model.train()
+    try:
+        while step < config.train.max_steps:
+            started = time.perf_counter()
+            data_wait = 0.0
+            losses = []
+            for _ in range(config.train.gradient_accumulation_steps):
+                fetch = time.perf_counter()
+                batch = next(batches)
+                data_wait += time.perf_counter() - fetch
+                if needs_scale:
+                    _set_scale_from_rank0(model, batch)
+                    needs_scale = False
+                loss = model.loss(batch, generator=generator, unet=engine)
+                engine.backward(loss)
+                engine.step()
+                tracker.advance(batch)
+                losses.append(loss.detach().float())
+            step += 1
+            if ema is not None:
+                ema.update(engine.module)
+            mean_loss = torch.stack(losses).mean()
+            if dist.is_initialized():
+                dist.all_reduce(mean_loss)
+                mean_loss /= env.world_size
+            elapsed = time.perf_counter() - started
+            samples = config.train.micro_batch_size * config.train.gradient_accumulation_steps * env.world_size
+            if step % config.train.log_every == 0:
+                grad_norm = engine.get_global_grad_norm()
+                counters = tracker.counters()
+                logger.log(step, {"loss": float(mean_loss), "lr": float(engine.get_lr()[0]),
+                                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                                  "samples_per_s": samples / elapsed,
+                                  "audio_s_per_s": samples * config.audio.duration / elapsed,
+                                  "data_wait": data_wait / elapsed, "epoch": tracker.state.epoch,
+                                  "failed_samples": counters["failed"]})
+            logger.advance()
+            stopping = stop.should_stop()
+            if step % config.train.save_every == 0 or step == config.train.max_steps or stopping:
+                _save(engine, model, ema, tracker, generator, run_dir=run_dir, step=step, env=env,
+                      zero_stage=zero_stage, config=config, wandb_id=logger.wandb_id)
+            if stopping:
+                log.warning("rank %d: stopped by signal after saving step %d", env.rank, step)
+                return 0
+    finally:
+        logger.close()
+    log.info("training finished at step %d", step)
+    return 0
+
+
+def _set_scale_from_rank0(model, batch: dict) -> None:
+    scale = torch.tensor([model.latent_scale_from(batch)])
+    if dist.is_initialized():
+        dist.broadcast(scale, src=0)  # every rank uses rank 0's first batch, as one process would
+    model.vae.scale_factor.fill_(float(scale))
+    log.info("scale_by_std: latent scale factor %.5f from the first batch", float(scale))
+
+
+def _save(engine, model, ema, tracker, generator, *, run_dir: Path, step: int, env: DistEnv, zero_stage: int,
+          config: Config, wandb_id: str | None) -> None:
+    client = {"step": step, "scale_factor": float(model.vae.scale_factor), "stream": tracker.state.to_dict(),
+              "ema": ema.state_dict() if ema is not None else None, "config": to_dict(config), "wandb_id": wandb_id}
+    checkpoint.save(engine, run_dir=run_dir, step=step, client_state=client, rng_state=rng_state(generator),
+                    rank=env.rank, world_size=env.world_size, zero_stage=zero_stage, keep_last=config.train.keep_last)
+
+
+def _truncate_metrics(path: Path, *, after_step: int) -> None:
+    """Drops records a killed run logged after the checkpoint it resumes from, so the curve has no repeats."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
