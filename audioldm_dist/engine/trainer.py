@@ -122,9 +122,9 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
     if args.reload_from_ckpt:
         load_pretrained(model, args.reload_from_ckpt)
     model.unet.select_attention_backend(device=device, dtype=dtype)
+    ema = EMA(model.unet, decay=config.diffusion.ema_decay)  # before ZeRO-3 partitions the parameters
     engine, _, _, _ = deepspeed.initialize(model=model.unet, model_parameters=model.trainable_parameters(), config=ds)
     zero_stage = engine.zero_optimization_stage()
-    ema = EMA(model.unet, decay=config.diffusion.ema_decay) if zero_stage < 3 else None
     generator = torch.Generator().manual_seed(config.train.seed * 100_003 + env.rank)
     step, stream_state, wandb_id, needs_scale = 0, None, None, config.vae.scale_by_std
 
@@ -134,8 +134,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
         step = point.meta["step"]
         model.vae.scale_factor.fill_(client["scale_factor"])
         needs_scale = False
-        if ema is not None and client.get("ema") is not None:
-            ema.load_state_dict(client["ema"])
+        ema.load_state_dict(client["ema"])
         stream_state = StreamState.from_dict(client["stream"])
         wandb_id = client.get("wandb_id")
         rng = checkpoint.load_rng_state(point, rank=env.rank)
@@ -177,8 +176,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
                 tracker.advance(batch)
                 losses.append(loss.detach().float())
             step += 1
-            if ema is not None:
-                ema.update(engine.module)
+            _update_ema(ema, engine, zero_stage=zero_stage)
             mean_loss = torch.stack(losses).mean()
             if dist.is_initialized():
                 dist.all_reduce(mean_loss)
@@ -208,6 +206,17 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
     return 0
 
 
+def _update_ema(ema: EMA, engine, *, zero_stage: int) -> None:
+    """Under ZeRO-3 each rank holds a slice of every parameter: gather them for the update."""
+    if zero_stage < 3:
+        ema.update(engine.module)
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        ema.update(engine.module)
+
+
 def _set_scale_from_rank0(model, batch: dict) -> None:
     scale = torch.tensor([model.latent_scale_from(batch)])
     if dist.is_initialized():
@@ -219,7 +228,7 @@ def _set_scale_from_rank0(model, batch: dict) -> None:
 def _save(engine, model, ema, tracker, generator, *, run_dir: Path, step: int, env: DistEnv, zero_stage: int,
           config: Config, wandb_id: str | None) -> None:
     client = {"step": step, "scale_factor": float(model.vae.scale_factor), "stream": tracker.state.to_dict(),
-              "ema": ema.state_dict() if ema is not None else None, "config": to_dict(config), "wandb_id": wandb_id}
+              "ema": ema.state_dict(), "config": to_dict(config), "wandb_id": wandb_id}
     checkpoint.save(engine, run_dir=run_dir, step=step, client_state=client, rng_state=rng_state(generator),
                     rank=env.rank, world_size=env.world_size, zero_stage=zero_stage, keep_last=config.train.keep_last)
 
