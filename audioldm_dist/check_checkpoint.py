@@ -27,8 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"check_checkpoint: error: {error}", file=sys.stderr)
         return 2
     from audioldm_dist.ldm import AudioLDM
+    from audioldm_dist.pretrained import read_export_metadata
 
-    model = AudioLDM(config)
+    # A random_init conditioner's vocabulary travels in our exports; released files have none.
+    model = AudioLDM(config, captions=read_export_metadata(args.checkpoint).get("captions"))
     modules = {part: getattr(model, part) for part in ("unet", "vae", "vocoder", "conditioner")}
     _, report = map_state_dict(state, modules)
     print(f"{args.checkpoint}: {len(state)} tensors")

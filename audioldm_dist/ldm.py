@@ -24,6 +24,7 @@ class AudioLDM(nn.Module):
     def __init__(self, config: Config, *, captions: list[str] | None = None) -> None:
         super().__init__()
         self.config = config
+        self.captions = captions
         self.unet = UNetModel(config.unet)
         self.vae = AutoencoderKL(config.vae)
         self.vocoder = HiFiGAN(config.vocoder)

@@ -85,6 +85,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return raw
 
 
+def read_export_metadata(path: str | Path) -> dict:
+    """The `audioldm_dist` metadata of a file written by our export (config, step, captions), else {}."""
+    try:
+        raw = torch.load(Path(path), map_location="cpu", weights_only=False)
+    except Exception:
+        return {}
+    return raw.get("audioldm_dist", {}) if isinstance(raw, dict) else {}
+
+
 def _route(key: str) -> tuple[str, str] | None:
     """Released key → (part, our key)."""
     if key.startswith("model.diffusion_model."):

@@ -117,7 +117,12 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
     shards = resolve_specs(config.train.train_data)
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    captions = captions_for_tokenizer(shards) if config.conditioner.random_init else None
+    captions = None
+    if config.conditioner.random_init:  # the vocabulary of an exported random_init model, else the shards'
+        from audioldm_dist.pretrained import read_export_metadata
+
+        exported = read_export_metadata(args.reload_from_ckpt).get("captions") if args.reload_from_ckpt else None
+        captions = exported or captions_for_tokenizer(shards)
     model = AudioLDM(config, captions=captions).to(device)
     if args.reload_from_ckpt:
         load_pretrained(model, args.reload_from_ckpt)
@@ -148,6 +153,8 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
             _truncate_metrics(run_dir / "metrics.jsonl", after_step=step)
     elif env.is_main:
         (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
+    if env.is_main and not (run_dir / FROZEN_PARTS).is_file():
+        save_frozen_parts(model, run_dir / FROZEN_PARTS)
 
     stream = ShardStream(shards, audio=config.audio, state=stream_state, options=StreamOptions(
         batch_size=config.train.micro_batch_size, rank=env.rank, world_size=env.world_size,
@@ -204,6 +211,19 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
         logger.close()
     log.info("training finished at step %d", step)
     return 0
+
+
+FROZEN_PARTS = "frozen_parts.pt"
+
+
+def save_frozen_parts(model, path: Path) -> None:
+    """The VAE, vocoder and conditioner never change in training and are not in DeepSpeed's files;
+    kept once per run so `export` writes a complete model (random_init ones cannot be rebuilt elsewhere)."""
+    from audioldm_dist.fileio import atomic_write_bytes
+
+    state = {part: getattr(model, part).state_dict() for part in ("vae", "vocoder", "conditioner")}
+    state["captions"] = getattr(model, "captions", None)
+    atomic_write_bytes(path, checkpoint._serialize(state))
 
 
 def _update_ema(ema: EMA, engine, *, zero_stage: int) -> None:
