@@ -19,7 +19,7 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 _ports = iter(range(29610, 29700))
 
 
-def _launch(run_dir: Path, shards: Path, *, ranks: int = 2, stage: int = 2, max_steps: int = 6, save_every: int = 3,
+def _launch(run_dir: Path, shards: Path, *, ranks: int = 2, stage: int | str = 2, max_steps: int = 6, save_every: int = 3,
             extra: list[str] = (), wait: bool = True):
     command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(next(_ports)), "train.py",
                "--deepspeed_config", f"configs/ds/zero{stage}.json", "--config", "configs/tiny.yaml",
@@ -108,3 +108,12 @@ def test_sigterm_on_one_rank_saves_a_complete_checkpoint_and_exits_zero(train_sh
     step = _latest_is_complete(run)
     assert 3 <= step < 500 and max(_losses(run)) == step
     assert "received SIGTERM" in output and "stopped by signal" in output
+
+
+@pytest.mark.slow
+def test_bf16_training_runs_and_saves(train_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "bf16"
+    _launch(run, train_shards, stage="2_bf16", max_steps=4, save_every=4)
+    losses = _losses(run)
+    assert sorted(losses) == [1, 2, 3, 4] and all(0 < loss < 10 for loss in losses.values())
+    assert _latest_is_complete(run) == 4
