@@ -61,9 +61,12 @@ class AudioLDM(nn.Module):
         return self.mel.batch(batch["waveform"].to(device))[0]
 
     @torch.no_grad()
-    def latent_scale_from(self, batch: dict) -> float:
-        """`scale_by_std`: 1 / std of the posterior means of a batch (the trainer sets it from the first)."""
-        return float(1.0 / self.vae.encode(self.batch_log_mel(batch).unsqueeze(1)).mode().flatten().std().clamp_min(1e-8))
+    def latent_scale_from(self, batch: dict, *, seed: int = 0) -> float:
+        """`scale_by_std` as the original: 1 / std of latents sampled from the posterior of a batch (the
+        trainer uses the first batch); the sampling noise is seeded so every run agrees."""
+        posterior = self.vae.encode(self.batch_log_mel(batch).unsqueeze(1))
+        latents = posterior.sample(torch.Generator(device="cpu").manual_seed(seed))
+        return float(1.0 / latents.flatten().std().clamp_min(1e-8))
 
     @torch.no_grad()
     def latents(self, log_mel: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
