@@ -17,7 +17,7 @@ import torch
 
 from audioldm_dist.engine import checkpoint
 from audioldm_dist.engine.trainer import FROZEN_PARTS
-from audioldm_dist.fileio import atomic_write_bytes
+from audioldm_dist.fileio import atomic_torch_save
 
 
 def export(run_dir: Path, *, tag: str | None = None, out: Path | None = None) -> Path:
@@ -42,12 +42,8 @@ def export(run_dir: Path, *, tag: str | None = None, out: Path | None = None) ->
     state.update({f"cond_stage_model.{k}": v for k, v in frozen["conditioner"].items()})
     state["scale_factor"] = torch.tensor(client["scale_factor"])
     out = out or run_dir / f"export_{point.tag}.ckpt"
-    import io
-
-    buffer = io.BytesIO()
-    torch.save({"state_dict": state, "audioldm_dist": {"config": client["config"], "step": point.meta["step"],
-                                                       "captions": frozen.get("captions")}}, buffer)
-    atomic_write_bytes(out, buffer.getvalue())
+    atomic_torch_save(out, {"state_dict": state, "audioldm_dist": {"config": client["config"], "step": point.meta["step"],
+                                                                "captions": frozen.get("captions")}})
     return out
 
 

@@ -24,3 +24,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def atomic_torch_save(path: Path, obj: object) -> None:
+    """`torch.save` with the same guarantee: the file is complete or absent."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())

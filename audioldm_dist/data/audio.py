@@ -44,13 +44,18 @@ class AudioInfo:
         return self.num_frames / self.sample_rate if self.sample_rate else 0.0
 
 
-def read_info(path: str | Path) -> AudioInfo:
-    """Header of an audio file; raises `AudioDecodeError` for missing, unreadable or empty files."""
+def _existing_nonempty(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise AudioDecodeError("missing", f"no such file: {path}")
     if path.stat().st_size == 0:
         raise AudioDecodeError("empty", f"file has 0 bytes: {path}")
+    return path
+
+
+def read_info(path: str | Path) -> AudioInfo:
+    """Header of an audio file; raises `AudioDecodeError` for missing, unreadable or empty files."""
+    path = _existing_nonempty(path)
     try:
         with soundfile.SoundFile(str(path)) as handle:  # cheaper than soundfile.info, which also reads logs
             info = AudioInfo(sample_rate=handle.samplerate, num_channels=handle.channels, num_frames=handle.frames,
@@ -70,12 +75,7 @@ def decode(source: str | Path | bytes, *, name: str = "") -> tuple[np.ndarray, i
             raise AudioDecodeError("empty", f"0 bytes: {label}")
         handle: str | io.BytesIO = io.BytesIO(source)
     else:
-        path = Path(source)
-        if not path.exists():
-            raise AudioDecodeError("missing", f"no such file: {path}")
-        if path.stat().st_size == 0:
-            raise AudioDecodeError("empty", f"file has 0 bytes: {path}")
-        handle = str(path)
+        handle = str(_existing_nonempty(source))
     try:
         samples, sample_rate = soundfile.read(handle, dtype="float32", always_2d=True)  # (T, C)
     except Exception as error:

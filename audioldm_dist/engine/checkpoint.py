@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from audioldm_dist.fileio import atomic_write_bytes
+from audioldm_dist.fileio import atomic_torch_save, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,9 @@ def save(engine, *, run_dir: Path, step: int, client_state: dict, rng_state: dic
     engine.save_checkpoint(str(folder), tag=tag, save_latest=False,
                            client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
     tag_dir = folder / tag
-    buffer = _serialize(rng_state)
-    atomic_write_bytes(tag_dir / f"rng_rank{rank}.pt", buffer)
+    atomic_torch_save(tag_dir / f"rng_rank{rank}.pt", rng_state)
     if rank == 0:
-        atomic_write_bytes(tag_dir / CLIENT_STATE, _serialize(client_state))
+        atomic_torch_save(tag_dir / CLIENT_STATE, client_state)
     _barrier()  # every rank has written its shards and RNG file
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "zero_stage": zero_stage}
@@ -80,14 +79,6 @@ def save(engine, *, run_dir: Path, step: int, client_state: dict, rng_state: dic
         log.info("rank 0: checkpoint %s complete (all %d ranks written)", tag, world_size)
     _barrier()
     return tag_dir
-
-
-def _serialize(obj: dict) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 def _prune(folder: Path, *, keep_last: int) -> None:

@@ -219,11 +219,11 @@ FROZEN_PARTS = "frozen_parts.pt"
 def save_frozen_parts(model, path: Path) -> None:
     """The VAE, vocoder and conditioner never change in training and are not in DeepSpeed's files;
     kept once per run so `export` writes a complete model (random_init ones cannot be rebuilt elsewhere)."""
-    from audioldm_dist.fileio import atomic_write_bytes
+    from audioldm_dist.fileio import atomic_torch_save
 
     state = {part: getattr(model, part).state_dict() for part in ("vae", "vocoder", "conditioner")}
     state["captions"] = getattr(model, "captions", None)
-    atomic_write_bytes(path, checkpoint._serialize(state))
+    atomic_torch_save(path, state)
 
 
 def _update_ema(ema: EMA, engine, *, zero_stage: int) -> None:
