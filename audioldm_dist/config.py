@@ -110,6 +110,8 @@ class VAEConfig:
     scale_factor: float = 1.0
     """Latent scale; with `scale_by_std` the trainer sets it to 1/std of the first batch's latents."""
     scale_by_std: bool = True
+    kl_weight: float = 1.0e-6
+    """VAE training (train.target=vae): weight of the KL term against the summed L1 reconstruction."""
 
 
 @dataclass(kw_only=True)
@@ -188,11 +190,24 @@ class TrainConfig:
     """make-shards folders, brace patterns (SPEC::sizes=..., SPEC::weight=...)."""
     logger: str = "wandb"
     """wandb (offline unless WANDB_MODE says otherwise) | none; metrics.jsonl is always written."""
+    target: str = "ldm"
+    """What trains: ldm (the UNet; VAE, conditioner, vocoder frozen) | vae (the autoencoder alone)."""
+    val_data: list[str] = field(default_factory=list)
+    """Validation shards (as train_data); empty: no validation."""
+    val_every: int = 500
+    """Validate every this many steps (and at the last step)."""
+    val_batches: int = 0
+    """Batches per rank for the validation loss; 0: the whole val split, each sample once."""
+    val_num_samples: int = 4
+    """DDIM samples per validation, for the first val captions (wav + spectrogram PNG); 0: none."""
 
     def __post_init__(self) -> None:
+        if self.target not in ("ldm", "vae"):
+            raise ValueError(f"train.target={self.target!r}: expected ldm or vae")
         if self.logger not in ("wandb", "none"):
             raise ValueError(f"train.logger={self.logger!r}: expected wandb or none")
-        for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "save_every", "log_every"):
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "save_every", "log_every",
+                     "val_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
 

@@ -19,6 +19,10 @@ from audioldm_dist.engine import checkpoint
 from audioldm_dist.engine.trainer import FROZEN_PARTS
 from audioldm_dist.fileio import atomic_torch_save
 
+PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "vocoder": "first_stage_model.vocoder.",
+          "conditioner": "cond_stage_model."}
+"""Each part's key prefix in the released AudioLDM checkpoints."""
+
 
 def export(run_dir: Path, *, tag: str | None = None, out: Path | None = None) -> Path:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -26,20 +30,21 @@ def export(run_dir: Path, *, tag: str | None = None, out: Path | None = None) ->
     point = checkpoint.find_resume_point(run_dir, "auto" if tag is None else str(checkpoint.checkpoint_dir(run_dir) / tag))
     if point is None:
         raise ValueError(f"{run_dir}: no complete checkpoint to export (no {checkpoint.checkpoint_dir(run_dir) / 'latest'})")
-    unet = get_fp32_state_dict_from_zero_checkpoint(str(point.load_dir), tag=point.tag)
+    trained_state = get_fp32_state_dict_from_zero_checkpoint(str(point.load_dir), tag=point.tag)
     client = checkpoint.load_client_state(point)
     frozen_path = run_dir / FROZEN_PARTS
     if not frozen_path.is_file():
-        raise ValueError(f"{frozen_path} missing: the run's VAE/vocoder/conditioner weights are needed for export")
+        raise ValueError(f"{frozen_path} missing: the run's frozen parts are needed for export")
     frozen = torch.load(frozen_path, map_location="cpu", weights_only=False)
-    state: dict[str, torch.Tensor] = {f"model.diffusion_model.{k}": v.float() for k, v in unet.items()}
-    for name, tensor in client["ema"]["shadow"].items():
-        state["model_ema.diffusion_model" + name.replace(".", "")] = tensor.float()
-    for key, tensor in frozen["vae"].items():
-        if key != "scale_factor":
-            state[f"first_stage_model.{key}"] = tensor
-    state.update({f"first_stage_model.vocoder.{k}": v for k, v in frozen["vocoder"].items()})
-    state.update({f"cond_stage_model.{k}": v for k, v in frozen["conditioner"].items()})
+    trained = frozen.get("trained", "unet")  # what DeepSpeed's files hold: the UNet, or the VAE (train.target=vae)
+    parts = {part: state for part, state in frozen.items() if part in PREFIX}
+    parts[trained] = {k: v.float() for k, v in trained_state.items()}
+    state: dict[str, torch.Tensor] = {}
+    for part, part_state in parts.items():
+        state.update({PREFIX[part] + key: tensor for key, tensor in part_state.items() if key != "scale_factor"})
+    if trained == "unet":
+        for name, tensor in client["ema"]["shadow"].items():
+            state["model_ema.diffusion_model" + name.replace(".", "")] = tensor.float()
     state["scale_factor"] = torch.tensor(client["scale_factor"])
     out = out or run_dir / f"export_{point.tag}.ckpt"
     atomic_torch_save(out, {"state_dict": state, "audioldm_dist": {"config": client["config"], "step": point.meta["step"],

@@ -80,20 +80,23 @@ class AudioLDM(nn.Module):
                                                  sample_rate=self.config.audio.sampling_rate)
         return self.conditioner.encode_text(list(batch["text"]), device=device)
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition) -> torch.Tensor:
-        return self.unet(x_t, t, film=condition.film, contexts=condition.contexts, context_masks=condition.masks)
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, *, unet: nn.Module | None = None
+                ) -> torch.Tensor:
+        return (unet or self.unet)(x_t, t, film=condition.film, contexts=condition.contexts, context_masks=condition.masks)
 
-    def loss(self, batch: dict, *, generator: torch.Generator | None = None, unet: nn.Module | None = None
-             ) -> torch.Tensor:
+    def loss(self, batch: dict, *, generator: torch.Generator | None = None, unet: nn.Module | None = None,
+             reduction: str = "mean", guidance_dropout: bool = True) -> torch.Tensor:
         """DDPM loss on a loader batch (uses `log_mel_spec` if the loader computed it, else the waveform).
 
-        `unet` replaces `self.unet` in the forward pass (the DeepSpeed engine that wraps it)."""
+        `unet` replaces `self.unet` in the forward pass (the DeepSpeed engine that wraps it); validation
+        turns `guidance_dropout` off and asks for per-sample losses (`reduction="none"`)."""
         device = next(self.unet.parameters()).device
         log_mel = self.batch_log_mel(batch)
         x0 = self.latents(log_mel.to(next(self.vae.parameters()).dtype), generator=generator)
         condition = self.condition(batch, device=device)
-        condition = self.conditioner.drop_for_guidance(condition, batch_size=x0.shape[0], device=device,
-                                                       generator=generator)
+        if guidance_dropout:
+            condition = self.conditioner.drop_for_guidance(condition, batch_size=x0.shape[0], device=device,
+                                                           generator=generator)
         network = unet or self.unet
         unet_dtype = next(self.unet.parameters()).dtype
 
@@ -102,20 +105,23 @@ class AudioLDM(nn.Module):
                            contexts=None if condition.contexts is None else [c.to(unet_dtype) for c in condition.contexts],
                            context_masks=condition.masks)
 
-        return diffusion_loss(denoiser, x0, schedule=self.schedule, generator=generator)
+        return diffusion_loss(denoiser, x0, schedule=self.schedule, generator=generator, reduction=reduction)
 
     @torch.no_grad()
     def generate(self, texts: list[str], *, num_steps: int | None = None, guidance_scale: float | None = None,
-                 generator: torch.Generator | None = None, show_progress: bool = False) -> torch.Tensor:
-        """Captions → waveforms (B, 1, samples) at the configured rate and duration."""
-        device = next(self.unet.parameters()).device
-        dtype = next(self.unet.parameters()).dtype
+                 generator: torch.Generator | None = None, show_progress: bool = False,
+                 unet: nn.Module | None = None) -> torch.Tensor:
+        """Captions → waveforms (B, 1, samples) at the configured rate and duration; `unet` replaces
+        `self.unet` (validation samples with EMA weights while training goes on)."""
+        unet = unet or self.unet
+        device = next(unet.parameters()).device
+        dtype = next(unet.parameters()).dtype
         diffusion = self.config.diffusion
         condition = self.conditioner.encode_text(texts, device=device)
         unconditional = self.conditioner.unconditional(device).repeat(len(texts))
 
         def denoiser(x_t: torch.Tensor, t: torch.Tensor, conditional: bool) -> torch.Tensor:
-            return self.denoise(x_t, t, condition if conditional else unconditional)
+            return self.denoise(x_t, t, condition if conditional else unconditional, unet=unet)
 
         z = ddim_sample(denoiser, (len(texts), *self.latent_shape), schedule=self.schedule,
                         num_steps=num_steps or diffusion.ddim_steps,

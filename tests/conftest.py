@@ -30,7 +30,17 @@ def demo_copy(demo_root: Path, tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def train_shards(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo train split as shards of at most 6 samples."""
-    out = tmp_path_factory.mktemp("shards") / "train"
-    make_shards(metadata_root=demo_root, dataset="demo", split="train", out_dir=out,
+    return _split_shards(demo_root, tmp_path_factory, "train")
+
+
+@pytest.fixture(scope="session")
+def val_shards(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo val split as shards of at most 6 samples."""
+    return _split_shards(demo_root, tmp_path_factory, "val")
+
+
+def _split_shards(demo_root: Path, tmp_path_factory: pytest.TempPathFactory, split: str) -> Path:
+    out = tmp_path_factory.mktemp("shards") / split
+    make_shards(metadata_root=demo_root, dataset="demo", split=split, out_dir=out,
                 options=ShardOptions(max_count=6), workers=1, show_progress=False)
     return out

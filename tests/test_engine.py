@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import soundfile
 
 from audioldm_dist.config import TrainConfig
 from audioldm_dist.engine.ds_config import load_ds_config
@@ -58,18 +59,39 @@ def test_micro_batch_mismatch_with_the_deepspeed_json_is_a_clear_error(tmp_path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-def test_resume_continues_the_same_loss_curve(train_shards: Path, tmp_path: Path, stage: int) -> None:
+def test_resume_continues_the_same_loss_curve(train_shards: Path, val_shards: Path, tmp_path: Path,
+                                              stage: int) -> None:
+    """With validation every 2 steps on: it must not disturb the resumed curve (and works under ZeRO-3)."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    _launch(whole, train_shards, stage=stage, max_steps=6, save_every=3)
-    _launch(split, train_shards, stage=stage, max_steps=3, save_every=3)
+    validation = ["--val-data", str(val_shards), "--set", "train.val_every=2", "--set", "train.val_num_samples=2"]
+    _launch(whole, train_shards, stage=stage, max_steps=6, save_every=3, extra=validation)
+    _launch(split, train_shards, stage=stage, max_steps=3, save_every=3, extra=validation)
     assert _latest_is_complete(split) == 3
-    resumed = _launch(split, train_shards, stage=stage, max_steps=6, save_every=3)
+    resumed = _launch(split, train_shards, stage=stage, max_steps=6, save_every=3, extra=validation)
     assert "resumed from" in resumed.stdout + resumed.stderr
     expected, got = _losses(whole), _losses(split)
     assert sorted(got) == list(range(1, 7))
     for step in range(1, 7):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
     assert _latest_is_complete(split) == 6
+    _check_validation_outputs(whole, steps=(2, 4, 6), num_samples=2)
+
+
+def _check_validation_outputs(run_dir: Path, *, steps: tuple[int, ...], num_samples: int) -> None:
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(s for s, r in records.items() if "val_loss" in r) == list(steps)
+    assert all(0 < records[s]["val_loss"] < 10 for s in steps)
+    references = sorted((run_dir / "val_reference").glob("*.wav"))
+    assert len(references) == num_samples
+    for step in steps:
+        folder = run_dir / f"val_step{step:07d}"
+        assert sorted(p.name for p in folder.glob("*.wav")) == [p.name for p in references]
+        for wav in folder.glob("*.wav"):
+            info = soundfile.info(str(wav))
+            assert info.samplerate == 16000 and info.frames == 20480
+            assert wav.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            sidecar = json.loads(wav.with_suffix(".json").read_text())
+            assert sidecar["step"] == step and sidecar["caption"]
 
 
 @pytest.mark.slow
@@ -117,3 +139,49 @@ def test_bf16_training_runs_and_saves(train_shards: Path, tmp_path: Path) -> Non
     losses = _losses(run)
     assert sorted(losses) == [1, 2, 3, 4] and all(0 < loss < 10 for loss in losses.values())
     assert _latest_is_complete(run) == 4
+
+
+@pytest.mark.slow
+def test_vae_target_trains_with_a_cosine_schedule_validates_and_exports(train_shards: Path, val_shards: Path,
+                                                                       tmp_path: Path) -> None:
+    """train.target=vae: the same engine trains the autoencoder (L1 + KL); WarmupCosineLR follows its formula."""
+    import math
+
+    import torch
+
+    from audioldm_dist.config import load_config
+    from audioldm_dist.ldm import AudioLDM
+    from audioldm_dist.pretrained import load_pretrained
+
+    run = tmp_path / "vae"
+    max_steps, warmup, lr = 30, 3, 5e-3
+    _launch(run, train_shards, stage="2_cosine", max_steps=max_steps, save_every=max_steps,
+            extra=["--set", "train.target=vae", "--set", f"train.warmup_steps={warmup}", "--val-data", str(val_shards),
+                   "--set", f"train.learning_rate={lr}", "--set", "train.val_every=15", "--set", "train.val_batches=2"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, max_steps + 1))
+    for record in records:  # DeepSpeed's WarmupCosineLR (linear warm-up, cos_min_ratio 0.01) at iteration step-1
+        iteration = record["step"] - 1
+        if iteration < warmup:
+            ratio = iteration / warmup
+        else:
+            progress = min(1.0, (iteration - warmup + 1) / (max_steps - warmup))
+            ratio = 0.01 + 0.99 * (1 + math.cos(math.pi * progress)) / 2
+        assert record["lr"] == pytest.approx(lr * ratio, rel=1e-4, abs=1e-9), record
+    losses = [r["loss"] for r in records]
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses  # the reconstruction is learning
+    assert [r["step"] for r in records if "val_loss" in r] == [15, 30]
+    assert not list(run.glob("val_step*")), "the vae target validates the loss only"
+
+    export = subprocess.run([sys.executable, "-m", "audioldm_dist.export", str(run)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert export.returncode == 0, export.stderr
+    exported = torch.load(run / f"export_global_step{max_steps}.ckpt", map_location="cpu", weights_only=False)
+    frozen = torch.load(run / "frozen_parts.pt", map_location="cpu", weights_only=False)
+    assert frozen["trained"] == "vae" and "vae" not in frozen and "unet" in frozen
+    config = load_config(ROOT / "configs" / "tiny.yaml")
+    model = AudioLDM(config, captions=exported["audioldm_dist"]["captions"])
+    report = load_pretrained(model, run / f"export_global_step{max_steps}.ckpt")
+    assert not report.parts["vae"].missing and not report.parts["unet"].missing
+    first = next(iter(frozen["unet"]))
+    assert torch.equal(model.unet.state_dict()[first], frozen["unet"][first])  # the UNet did not train

@@ -45,8 +45,12 @@ def init_process_group(env: DistEnv) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def destroy_process_group() -> None:
-    """Tear down cleanly: ZeRO-3 has aborted at interpreter exit when the group was left open."""
+def destroy_process_group(*, barrier: bool = True) -> None:
+    """Tear down cleanly: ZeRO-3 has aborted at interpreter exit when the group was left open.
+
+    After an error on this rank, no barrier: the other ranks may never reach it, and exiting lets the
+    launcher (deepspeed, srun) stop them."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+        if barrier:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()

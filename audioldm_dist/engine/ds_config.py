@@ -38,9 +38,12 @@ def load_ds_config(path: str | Path, train: TrainConfig, *, world_size: int) -> 
     scheduler = ds.setdefault("scheduler", {"type": "WarmupLR", "params": {}})
     params = scheduler.setdefault("params", {})
     _check_or_fill(params, "warmup_num_steps", train.warmup_steps, path=path, ours="train.warmup_steps")
-    _check_or_fill(params, "warmup_max_lr", train.learning_rate, path=path, ours="train.learning_rate")
-    params.setdefault("warmup_min_lr", 0.0)
-    if scheduler["type"] == "WarmupDecayLR":
+    if scheduler["type"] == "WarmupCosineLR":  # peaks at the optimizer's lr; ratios instead of absolute values
+        params.setdefault("warmup_min_ratio", 0.0)
+    else:
+        _check_or_fill(params, "warmup_max_lr", train.learning_rate, path=path, ours="train.learning_rate")
+        params.setdefault("warmup_min_lr", 0.0)
+    if scheduler["type"] in ("WarmupDecayLR", "WarmupCosineLR"):
         _check_or_fill(params, "total_num_steps", train.max_steps, path=path, ours="train.max_steps")
     ds.setdefault("steps_per_print", 10**9)  # our logger prints; keep DeepSpeed's quiet
     return ds

@@ -34,12 +34,23 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        record = {"step": step, **{k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in metrics.items()}}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
-        self.bar.set_postfix_str(f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}", refresh=False)
+        if "loss" in metrics:
+            self.bar.set_postfix_str(f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}", refresh=False)
+
+    def log_samples(self, step: int, wav_paths: list[Path], *, sample_rate: int) -> None:
+        """Validation samples (wav + its spectrogram PNG beside it) to wandb; the files stay in the run."""
+        if not self.enabled or self.wandb_run is None or not wav_paths:
+            return
+        import wandb
+
+        self.wandb_run.log({"val/audio": [wandb.Audio(str(p), sample_rate=sample_rate, caption=p.stem) for p in wav_paths],
+                            "val/spectrogram": [wandb.Image(str(p.with_suffix(".png")), caption=p.stem)
+                                                for p in wav_paths]}, step=step)
 
     def advance(self) -> None:
         self.bar.update(1)

@@ -28,6 +28,8 @@ from audioldm_dist.engine.distributed import DistEnv, destroy_process_group, dev
 from audioldm_dist.engine.ds_config import load_ds_config, training_dtype
 from audioldm_dist.engine.metrics import MetricsLogger
 from audioldm_dist.engine.signals import StopSignal
+from audioldm_dist.objectives import TRAINED_PART, make_objective
+from audioldm_dist.pretrained import PARTS
 
 log = logging.getLogger("audioldm_dist.train")
 
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", required=True, help="checkpoints, metrics.jsonl and logs go here")
     parser.add_argument("--train-data", action="append", default=None,
                         help="make-shards folder or brace pattern (repeat to mix; SPEC::weight=W)")
-    parser.add_argument("--val-data", action="append", default=None, help="evaluation shards (reserved)")
+    parser.add_argument("--val-data", action="append", default=None,
+                        help="validation shards (as --train-data); loss and samples every train.val_every steps")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--save-every", type=int)
     parser.add_argument("--seed", type=int)
@@ -57,6 +60,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.train_data:
         overrides.append("train.train_data=" + json.dumps(args.train_data))
+    if args.val_data:
+        overrides.append("train.val_data=" + json.dumps(args.val_data))
     return load_config(args.config, overrides)
 
 
@@ -92,9 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     init_process_group(env)
     try:
-        return train(config, args, env)
-    finally:
-        destroy_process_group()
+        status = train(config, args, env)
+    except BaseException:
+        log.exception("rank %d: training failed", env.rank)
+        destroy_process_group(barrier=False)
+        raise
+    destroy_process_group()
+    return status
 
 
 def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
@@ -127,11 +136,16 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
     if args.reload_from_ckpt:
         load_pretrained(model, args.reload_from_ckpt)
     model.unet.select_attention_backend(device=device, dtype=dtype)
-    ema = EMA(model.unet, decay=config.diffusion.ema_decay)  # before ZeRO-3 partitions the parameters
-    engine, _, _, _ = deepspeed.initialize(model=model.unet, model_parameters=model.trainable_parameters(), config=ds)
+    trained = getattr(model, TRAINED_PART[config.train.target])  # the UNet, or the VAE with train.target=vae
+    trained.requires_grad_(True)
+    objective = make_objective(model, config.train.target)
+    ema = EMA(trained, decay=config.diffusion.ema_decay)  # before ZeRO-3 partitions the parameters
+    engine, _, _, _ = deepspeed.initialize(model=trained, model_parameters=[p for p in trained.parameters()
+                                                                            if p.requires_grad], config=ds)
     zero_stage = engine.zero_optimization_stage()
     generator = torch.Generator().manual_seed(config.train.seed * 100_003 + env.rank)
-    step, stream_state, wandb_id, needs_scale = 0, None, None, config.vae.scale_by_std
+    step, stream_state, wandb_id = 0, None, None
+    needs_scale = config.vae.scale_by_std and config.train.target == "ldm"
 
     if point is not None:
         engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_module_strict=True)
@@ -154,7 +168,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
     elif env.is_main:
         (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
     if env.is_main and not (run_dir / FROZEN_PARTS).is_file():
-        save_frozen_parts(model, run_dir / FROZEN_PARTS)
+        save_frozen_parts(model, run_dir / FROZEN_PARTS, trained=TRAINED_PART[config.train.target])
 
     stream = ShardStream(shards, audio=config.audio, state=stream_state, options=StreamOptions(
         batch_size=config.train.micro_batch_size, rank=env.rank, world_size=env.world_size,
@@ -163,6 +177,12 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
     batches = iter(make_loader(stream))
     logger = MetricsLogger(run_dir, enabled=env.is_main, use_wandb=config.train.logger == "wandb", start_step=step,
                            max_steps=config.train.max_steps, wandb_id=wandb_id, config=to_dict(config))
+    validator = None
+    if config.train.val_data:
+        from audioldm_dist.engine.validation import Validator
+
+        validator = Validator(resolve_specs(config.train.val_data), config=config, objective=objective,
+                              rank=env.rank, world_size=env.world_size, run_dir=run_dir)
     stop = StopSignal(rank=env.rank)
     model.train()
     try:
@@ -177,7 +197,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
                 if needs_scale:
                     _set_scale_from_rank0(model, batch)
                     needs_scale = False
-                loss = model.loss(batch, generator=generator, unet=engine)
+                loss = objective(batch, generator=generator, network=engine)
                 engine.backward(loss)
                 engine.step()
                 tracker.advance(batch)
@@ -190,7 +210,10 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
                 mean_loss /= env.world_size
             elapsed = time.perf_counter() - started
             samples = config.train.micro_batch_size * config.train.gradient_accumulation_steps * env.world_size
-            if step % config.train.log_every == 0:
+            val_metrics = {}
+            if validator is not None and (step % config.train.val_every == 0 or step == config.train.max_steps):
+                val_metrics = _validate(validator, model, engine, ema, logger, step=step)  # before saving: resume stays exact
+            if step % config.train.log_every == 0 or val_metrics:
                 grad_norm = engine.get_global_grad_norm()
                 counters = tracker.counters()
                 logger.log(step, {"loss": float(mean_loss), "lr": float(engine.get_lr()[0]),
@@ -198,7 +221,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
                                   "samples_per_s": samples / elapsed,
                                   "audio_s_per_s": samples * config.audio.duration / elapsed,
                                   "data_wait": data_wait / elapsed, "epoch": tracker.state.epoch,
-                                  "failed_samples": counters["failed"]})
+                                  "failed_samples": counters["failed"], **val_metrics})
             logger.advance()
             stopping = stop.should_stop()
             if step % config.train.save_every == 0 or step == config.train.max_steps or stopping:
@@ -216,12 +239,13 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
 FROZEN_PARTS = "frozen_parts.pt"
 
 
-def save_frozen_parts(model, path: Path) -> None:
-    """The VAE, vocoder and conditioner never change in training and are not in DeepSpeed's files;
+def save_frozen_parts(model, path: Path, *, trained: str) -> None:
+    """The parts that do not train (all but `trained`) never change and are not in DeepSpeed's files;
     kept once per run so `export` writes a complete model (random_init ones cannot be rebuilt elsewhere)."""
     from audioldm_dist.fileio import atomic_torch_save
 
-    state = {part: getattr(model, part).state_dict() for part in ("vae", "vocoder", "conditioner")}
+    state = {part: getattr(model, part).state_dict() for part in PARTS if part != trained}
+    state["trained"] = trained
     state["captions"] = getattr(model, "captions", None)
     atomic_torch_save(path, state)
 
@@ -235,6 +259,16 @@ def _update_ema(ema: EMA, engine, *, zero_stage: int) -> None:
 
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         ema.update(engine.module)
+
+
+def _validate(validator, model, engine, ema: EMA, logger: MetricsLogger, *, step: int) -> dict:
+    started = time.perf_counter()
+    val_loss = validator.loss(engine)
+    paths = validator.write_samples(model, ema, step=step)
+    logger.log_samples(step, paths, sample_rate=model.config.audio.sampling_rate)
+    log.info("step %d: val_loss %.5f, %d samples in %s", step, val_loss, len(paths),
+             paths[0].parent if paths else "-")
+    return {"val_loss": val_loss, "val_seconds": time.perf_counter() - started}
 
 
 def _set_scale_from_rank0(model, batch: dict) -> None:

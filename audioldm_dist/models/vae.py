@@ -189,6 +189,8 @@ class AutoencoderKL(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, mel: torch.Tensor, *, sample: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
-        posterior = self.encode(mel)
-        return self.decode(posterior.sample() if sample else posterior.mode()), posterior
+    def forward(self, mel: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Reconstruction and posterior: what VAE training (train.target=vae) optimises."""
+        posterior = self.encode(mel.to(self.quant_conv.weight.dtype))
+        return self.decode(posterior.sample(generator) if sample else posterior.mode()), posterior
