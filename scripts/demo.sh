@@ -18,7 +18,7 @@ for split in train val test; do
   .venv/bin/make-shards --verify "$OUT/shards/$split" --workers 2 --quiet
 done
 TRAIN=(.venv/bin/deepspeed --num_gpus 2 train.py --deepspeed_config configs/ds/zero2.json --config configs/tiny.yaml
-       --run-dir "$OUT/run" --train-data "$OUT/shards/train" --save-every 100 --set train.logger=wandb)
+       --run-dir "$OUT/run" --train-data "$OUT/shards/train" --val-data "$OUT/shards/val" --save-every 100 --set train.logger=wandb)
 echo "== 3/6 train 200 steps on 2 CPU ranks, checkpoints every 100 → $OUT/run"
 "${TRAIN[@]}" --max-steps 200
 echo "== 4/6 resume from the last checkpoint and train to step 300"
