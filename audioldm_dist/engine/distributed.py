@@ -54,3 +54,49 @@ def destroy_process_group(*, barrier: bool = True) -> None:
         if barrier:
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def slurm_first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (`gpu[01-03,07],cpu5` → gpu01): SLURM's own expansion
+    (`scontrol show hostnames`) when scontrol is here, else submitit's parser of the same syntax."""
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol"):
+        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
+        if result.returncode == 0 and result.stdout.split():
+            return result.stdout.split()[0]
+    from submitit.slurm.slurm import _parse_node_list
+
+    return _parse_node_list(nodelist)[0]
+
+
+def node_address(host: str) -> str:
+    """An address other nodes can reach `host` at: SLURM's NodeAddr (what slurmd itself is reached at),
+    else DNS, else the name as it is."""
+    import shutil
+    import socket
+    import subprocess
+
+    if shutil.which("scontrol"):
+        result = subprocess.run(["scontrol", "show", "node", host], capture_output=True, text=True, timeout=60)
+        for field in result.stdout.split():
+            if field.startswith("NodeAddr="):
+                return field.split("=", 1)[1]
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+def port_for_job(job_id: str) -> int:
+    """A rendezvous port from the job id: the same after a requeue, different for jobs sharing a node."""
+    digits = "".join(ch for ch in str(job_id) if ch.isdigit()) or "0"
+    return 20000 + int(digits) % 20000
+
+
+def task_environment(*, global_rank: int, local_rank: int, num_tasks: int, master_addr: str, job_id: str
+                     ) -> dict[str, str]:
+    """The torch.distributed variables of one task, as `deepspeed`/torchrun would set them."""
+    return {"RANK": str(global_rank), "WORLD_SIZE": str(num_tasks), "LOCAL_RANK": str(local_rank),
+            "MASTER_ADDR": master_addr, "MASTER_PORT": str(port_for_job(job_id))}

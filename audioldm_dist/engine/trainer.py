@@ -27,6 +27,7 @@ from audioldm_dist.engine import checkpoint
 from audioldm_dist.engine.distributed import DistEnv, destroy_process_group, device_for, init_process_group
 from audioldm_dist.engine.ds_config import load_ds_config, training_dtype
 from audioldm_dist.engine.metrics import MetricsLogger
+from audioldm_dist.engine.run_config import check_run_config
 from audioldm_dist.engine.signals import StopSignal
 from audioldm_dist.objectives import TRAINED_PART, make_objective
 from audioldm_dist.pretrained import PARTS
@@ -96,17 +97,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
     init_process_group(env)
+    stop = StopSignal(rank=env.rank)
     try:
-        status = train(config, args, env)
+        status = train(config, args, env, stop=stop)
     except BaseException:
         log.exception("rank %d: training failed", env.rank)
         destroy_process_group(barrier=False)
         raise
     destroy_process_group()
+    if stop.stopped_early:
+        stop.forward()  # e.g. submitit's requeue, now that the checkpoint is complete
+    stop.restore()
     return status
 
 
-def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
+def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopSignal) -> int:
     import deepspeed
 
     from audioldm_dist.ldm import AudioLDM
@@ -117,6 +122,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
     device = device_for(env)
     ds = load_ds_config(args.deepspeed_config, config.train, world_size=env.world_size)
     dtype = training_dtype(ds)
+    check_run_config(run_dir, config, config_path=args.config)
     point = checkpoint.find_resume_point(run_dir, args.resume)
     if point is not None and point.meta["world_size"] != env.world_size:
         point = checkpoint.universal_for(point, rank=env.rank)
@@ -183,7 +189,6 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
 
         validator = Validator(resolve_specs(config.train.val_data), config=config, objective=objective,
                               rank=env.rank, world_size=env.world_size, run_dir=run_dir)
-    stop = StopSignal(rank=env.rank)
     model.train()
     try:
         while step < config.train.max_steps:
@@ -227,7 +232,8 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv) -> int:
             if step % config.train.save_every == 0 or step == config.train.max_steps or stopping:
                 _save(engine, model, ema, tracker, generator, run_dir=run_dir, step=step, env=env,
                       zero_stage=zero_stage, config=config, wandb_id=logger.wandb_id)
-            if stopping:
+            if stopping and step < config.train.max_steps:
+                stop.stopped_early = True
                 log.warning("rank %d: stopped by signal after saving step %d", env.rank, step)
                 return 0
     finally:
