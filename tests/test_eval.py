@@ -12,7 +12,7 @@ import torch
 
 from audioldm_dist.eval.backbones import build_backbones, load_weights, read_state_dict
 from audioldm_dist.eval.cli import main
-from audioldm_dist.eval.config import EvalConfig
+from audioldm_dist.eval.config import EvalConfig, load_eval_config
 from audioldm_dist.eval.files import pair_by_name
 from audioldm_dist.eval.frechet import Gaussian, fit_gaussian, frechet_distance, frechet_distance_of_embeddings
 from audioldm_dist.eval.metrics import METRIC_KEYS
@@ -160,11 +160,14 @@ def test_checkpoints_load_strictly_and_bad_paths_name_the_file(tmp_path: Path) -
     panns, vggish = Cnn14(), VGGish()
     panns.init_random()
     vggish.init_random()
-    torch.save({"iteration": 1, "model": panns.state_dict()}, tmp_path / "Cnn14_16k_mAP=0.438.pth")
-    torch.save(vggish.state_dict(), tmp_path / "vggish-10086976.pth")
-    config = EvalConfig(panns_ckpt=str(tmp_path / "Cnn14_16k_mAP=0.438.pth"),
-                        vggish_ckpt=str(tmp_path / "vggish-10086976.pth"), device="cpu")
-    loaded = build_backbones(config)
+    panns_file, vggish_file = tmp_path / "Cnn14_16k_mAP=0.438.pth", tmp_path / "vggish-10086976.pth"
+    torch.save({"iteration": 1, "model": panns.state_dict()}, panns_file)  # the released layouts
+    torch.save(vggish.state_dict(), vggish_file)
+    try:
+        loaded = build_backbones(EvalConfig(panns_ckpt=str(panns_file), vggish_ckpt=str(vggish_file), device="cpu"))
+    finally:  # 600 MB: do not leave them in pytest's kept temp folders
+        panns_file.unlink()
+        vggish_file.unlink()
     waveform = torch.randn(1, 16000)
     with torch.no_grad():
         torch.testing.assert_close(loaded.panns(waveform)["logits"], panns(waveform)["logits"])
@@ -183,6 +186,16 @@ def test_checkpoints_load_strictly_and_bad_paths_name_the_file(tmp_path: Path) -
     assert set(read_state_dict(pickled, flag="--panns-ckpt", url="URL", trust=True)) == {"fc1.bias"}
     with pytest.raises(ValueError, match="--panns-ckpt is required"):
         EvalConfig()
+
+
+def test_eval_config_file_is_checked_and_flags_override_it(tmp_path: Path) -> None:
+    path = tmp_path / "eval.yaml"
+    path.write_text("panns_ckpt: a.pth\nvggish_ckpt: b.pth\ndevice: cpu\n")
+    config = load_eval_config(path, {"panns_ckpt": "c.pth", "random_backbones": None})
+    assert (config.panns_ckpt, config.vggish_ckpt, config.random_backbones) == ("c.pth", "b.pth", False)
+    path.write_text("panns_ckpt: a.pth\nvgish_ckpt: b.pth\n")
+    with pytest.raises(ValueError, match=r"eval\.yaml: unknown key 'vgish_ckpt' in EvalConfig"):
+        load_eval_config(path, {})
 
 
 def test_a_missing_checkpoint_is_an_error_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
