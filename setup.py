@@ -13,6 +13,7 @@ setup(
         "webdataset>=0.2.86",
         "soundfile>=0.12",
         "numpy>=1.24",
+        "scipy>=1.10",
         "deepspeed>=0.15",
         "transformers>=4.40",
         "tokenizers>=0.19",
