@@ -223,7 +223,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
                 counters = tracker.counters()
                 logger.log(step, {"loss": float(mean_loss), "lr": float(engine.get_lr()[0]),
                                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                                  "samples_per_s": samples / elapsed,
+                                  "step_seconds": elapsed, "samples_per_s": samples / elapsed,
                                   "audio_s_per_s": samples * config.audio.duration / elapsed,
                                   "data_wait": data_wait / elapsed, "epoch": tracker.state.epoch,
                                   "failed_samples": counters["failed"], **val_metrics})

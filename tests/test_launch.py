@@ -1,0 +1,89 @@
+"""launch/slurm.py without a cluster: node lists, task environments, sbatch parameters, early errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from audioldm_dist.engine.distributed import DistEnv, port_for_job, slurm_first_host, task_environment
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+import slurm as launcher  # noqa: E402  (launch/slurm.py is a script, imported for its functions)
+
+
+def test_node_lists_expand_as_slurm_does() -> None:
+    from submitit.slurm.slurm import _parse_node_list
+
+    assert _parse_node_list("gpu[01-03,07],cpu5") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]
+    assert slurm_first_host("gpu[01-03,07],cpu5") == "gpu01"
+    assert slurm_first_host("cpu5,gpu[01-03]") == "cpu5"
+
+
+def test_task_environment_for_several_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks_per_node, nodes = 8, 2
+    seen = set()
+    for rank in range(tasks_per_node * nodes):
+        env = task_environment(global_rank=rank, local_rank=rank % tasks_per_node, num_tasks=16, master_addr="10.0.0.1",
+                               job_id="4242")
+        assert env == {"RANK": str(rank), "WORLD_SIZE": "16", "LOCAL_RANK": str(rank % tasks_per_node),
+                       "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": str(20000 + 4242)}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        dist_env = DistEnv.from_environ()  # what the trainer then reads
+        seen.add((dist_env.rank, dist_env.local_rank))
+        assert dist_env.world_size == 16
+    assert len(seen) == 16
+    assert port_for_job("123456_7") == port_for_job("123456_7") != port_for_job("123457")
+    assert 20000 <= port_for_job("99999999") < 40000
+
+
+def test_sbatch_parameters_for_8_nodes_of_8_gpus(tmp_path: Path) -> None:
+    args = launcher.build_parser().parse_args(["--nodes", "8", "--gpus-per-node", "8", "--partition", "gpu", "--time",
+                                               "48:00:00", "--account", "lab", "--qos", "high", "--exclude", "gpu13"])
+    parameters = launcher.executor_parameters(args, run_dir=tmp_path / "s1", node_cpus=96)
+    assert parameters == {"name": "audioldm-s1", "nodes": 8, "tasks_per_node": 8, "gpus_per_node": 8,
+                          "cpus_per_task": 12, "timeout_min": 2880, "slurm_signal_delay_s": 180,
+                          "slurm_partition": "gpu", "slurm_account": "lab", "slurm_qos": "high",
+                          "slurm_exclude": "gpu13"}
+    assert launcher.parse_time_minutes("1-00:30") == 1470 and launcher.parse_time_minutes("90") == 90
+    assert launcher.parse_time_minutes("00:00:30") == 1
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0, "step_seconds": 40.0}\n' * 3)
+    assert launcher.signal_delay_for(tmp_path / "s1", None) == 180  # 3 × 40 s + 60 s
+
+
+def _run_launcher(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **({"PATH": path} if path is not None else {})}
+    return subprocess.run([sys.executable, "launch/slurm.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+TRAIN = ["--config", "configs/tiny.yaml", "--deepspeed_config", "configs/ds/zero2.json", "--train-data", "x"]
+
+
+def test_dry_run_prints_the_sbatch_script_and_task_environment(tmp_path: Path) -> None:
+    result = _run_launcher("--nodes", "8", "--gpus-per-node", "8", "--partition", "gpu", "--time", "48:00:00",
+                           "--dry-run", "--", *TRAIN, "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=2880", "#SBATCH --signal=USR2@180",
+                 "task 63: node 7, RANK=63 LOCAL_RANK=7 WORLD_SIZE=64"):
+        assert line in result.stdout
+    assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
+
+
+def test_errors_before_anything_is_submitted(tmp_path: Path) -> None:
+    no_sbatch = _run_launcher("--nodes", "2", "--", *TRAIN, "--run-dir", str(tmp_path / "run"),
+                              path=str(tmp_path))  # a PATH without SLURM's tools
+    assert no_sbatch.returncode == 2 and "sbatch not found on PATH" in no_sbatch.stderr
+    missing_separator = _run_launcher("--nodes", "2")
+    assert missing_separator.returncode == 2 and "after `--`" in missing_separator.stderr
+    run = tmp_path / "other"
+    run.mkdir()
+    (run / "config.json").write_text('{"audio": {"duration": 10.24}}')
+    other = _run_launcher("--nodes", "2", "--dry-run", "--", *TRAIN, "--run-dir", str(run))
+    assert other.returncode == 2 and "belongs to a different config: audio.duration: run has 10.24" in other.stderr
