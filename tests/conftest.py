@@ -1,4 +1,5 @@
-"""Shared fixtures: a small demo dataset written once per session, and shards made from it."""
+"""Shared fixtures: a small demo dataset written once per session, shards made from it, and the
+one-machine SLURM cluster (`slurm_cluster`, `slurm_env`; see slurm_cluster.py)."""
 from __future__ import annotations
 
 import shutil
@@ -9,6 +10,7 @@ import pytest
 from audioldm_dist.demo_data import write_demo_dataset
 from shards.make import make_shards
 from shards.plan import ShardOptions
+from slurm_cluster import slurm_cluster, slurm_env  # noqa: F401  (fixtures)
 
 NUM_DEMO_CLIPS = 40
 
