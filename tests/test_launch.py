@@ -87,3 +87,23 @@ def test_errors_before_anything_is_submitted(tmp_path: Path) -> None:
     (run / "config.json").write_text('{"audio": {"duration": 10.24}}')
     other = _run_launcher("--nodes", "2", "--dry-run", "--", *TRAIN, "--run-dir", str(run))
     assert other.returncode == 2 and "belongs to a different config: audio.duration: run has 10.24" in other.stderr
+
+
+def test_requeue_only_after_progress(tmp_path: Path) -> None:
+    """submitit asks TrainingTask.checkpoint() before requeueing: no new checkpoint since the job started
+    (a crash loop) → None, and submitit ends the job instead of requeueing it."""
+    import json
+
+    from audioldm_dist.engine.slurm_task import TrainingTask, latest_step
+
+    tag = tmp_path / "checkpoints" / "global_step5"
+    tag.mkdir(parents=True)
+    (tag / "meta.json").write_text(json.dumps({"step": 5, "world_size": 2, "zero_stage": 2}))
+    (tmp_path / "checkpoints" / "latest").write_text("global_step5")
+    assert latest_step(tmp_path) == 5
+    task = TrainingTask(["--config", "c.yaml"], run_dir=str(tmp_path))
+    task.step_at_start = 5
+    assert task.checkpoint() is None
+    task.step_at_start = 3
+    again = task.checkpoint()
+    assert again.function.train_argv == ["--config", "c.yaml"] and again.function.step_at_start is None

@@ -42,8 +42,9 @@ class TrainingTask(submitit.helpers.Checkpointable):
                                            num_tasks=job.num_tasks, master_addr=master, job_id=str(job.job_id)))
         self.step_at_start = latest_step(Path(self.run_dir))
         logging.basicConfig(level=logging.INFO)
-        log.info("task %d/%d on %s: master %s:%s, run %s, starting from step %s", job.global_rank, job.num_tasks,
-                 job.hostname, master, os.environ["MASTER_PORT"], self.run_dir, self.step_at_start or 0)
+        log.info("task %d/%d on node %s (%s): master %s:%s, run %s, starting from step %s", job.global_rank,
+                 job.num_tasks, os.environ.get("SLURMD_NODENAME", "-"), job.hostname, master, os.environ["MASTER_PORT"],
+                 self.run_dir, self.step_at_start or 0)
         from audioldm_dist.engine.trainer import main
 
         status = main(self.train_argv)
