@@ -185,8 +185,13 @@ def generate_all(config, args, prompts: list[Prompt], checkpoint_path: Path, *, 
     try:
         report = load_pretrained(model, checkpoint_path)
     except CheckpointError as error:
-        print(f"infer: error: {error}\n(run python -m audioldm_dist.check_checkpoint for the full key report)",
-              file=sys.stderr)
+        print(f"infer: error: {error}\n{_key_report(model, checkpoint_path)}", file=sys.stderr)
+        return 2
+    incomplete = [part for part in NEEDED_PARTS + (("conditioner",) if config.conditioner.random_init else ())
+                  if report.parts[part].missing]
+    if incomplete:
+        print(f"infer: error: {checkpoint_path} lacks weights of {', '.join(incomplete)} for this config "
+              f"(an unknown layout, or another model?); key report:\n{report.summary()}", file=sys.stderr)
         return 2
     use_ema = not args.no_ema and bool(report.ema)
     if use_ema:
@@ -216,6 +221,22 @@ def generate_all(config, args, prompts: list[Prompt], checkpoint_path: Path, *, 
     if env.is_main:
         print(f"infer: {len(prompts)} captions over {env.world_size} rank(s) → {out}")
     return 0
+
+
+NEEDED_PARTS = ("unet", "vae", "vocoder")
+"""Parts a checkpoint must fill for inference (a pretrained conditioner loads from its own name)."""
+
+
+def _key_report(model, checkpoint_path: Path) -> str:
+    """check_checkpoint's per-part report, for a file that does not load."""
+    from audioldm_dist.pretrained import CheckpointError, map_state_dict, read_state_dict
+
+    try:
+        state = read_state_dict(checkpoint_path)
+    except CheckpointError as error:
+        return str(error)
+    modules = {part: getattr(model, part) for part in ("unet", "vae", "vocoder", "conditioner")}
+    return map_state_dict(state, modules)[1].summary()
 
 
 def pick_candidates(model, waveforms: torch.Tensor, captions: list[str], *, n_candidates: int

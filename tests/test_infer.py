@@ -116,3 +116,17 @@ def test_best_of_n_candidates_by_clap_and_duration(tiny_checkpoint: Path, tmp_pa
         assert sidecar["n_candidates"] == 3 and -1.0 <= sidecar["clap_score"] <= 1.0
         assert soundfile.info(str(tmp_path / "best" / f"{name}.wav")).frames == 40960  # 2.56 s at 16 kHz
     assert _infer(tiny_checkpoint, tmp_path / "bad", lst, "--duration", "1.0") == 2
+
+
+def test_an_unknown_checkpoint_layout_gets_the_key_report(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    odd = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": {"encoder.layer.0.weight": torch.zeros(3, 3)}}, odd)
+    lst = tmp_path / "captions.lst"
+    lst.write_text("A wailing siren\n")
+    assert _infer(odd, tmp_path / "out", lst) == 2
+    err = capsys.readouterr().err
+    assert "lacks weights of unet, vae, vocoder, conditioner" in err
+    assert "part" in err and "matched" in err and "ignored (no part of ours): 1 keys" in err
+    assert not list((tmp_path / "out").glob("*.wav"))
