@@ -21,6 +21,7 @@ setup(
         "wandb>=0.17",
         "tqdm>=4.66",
         "pyyaml>=6.0",
+        "pillow>=10.0",  # spectrogram PNGs of validation samples
     ],
     extras_require={
         "xformers": ["xformers>=0.0.27"],

@@ -107,3 +107,17 @@ def test_requeue_only_after_progress(tmp_path: Path) -> None:
     task.step_at_start = 3
     again = task.checkpoint()
     assert again.function.train_argv == ["--config", "c.yaml"] and again.function.step_at_start is None
+
+
+@pytest.mark.slow
+def test_local_runs_the_same_job_with_submitits_local_executor(train_shards: Path, tmp_path: Path) -> None:
+    run = tmp_path / "local"
+    result = _run_launcher("--nodes", "1", "--tasks-per-node", "2", "--local", "--wait", "--",
+                           "--config", "configs/tiny.yaml", "--deepspeed_config", "configs/ds/zero2.json",
+                           "--run-dir", str(run), "--train-data", str(train_shards), "--max-steps", "4",
+                           "--save-every", "4")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "finished; checkpoints in" in result.stdout
+    assert (run / "checkpoints" / "latest").read_text().strip() == "global_step4"
+    logs = "".join(p.read_text() for p in run.glob("slurm/*/*_log.err"))
+    assert "task 0/2" in logs and "task 1/2" in logs

@@ -83,3 +83,13 @@ def test_pre_timeout_signal_saves_requeues_and_resumes_to_the_same_end(slurm_clu
     for record in records:
         assert record["loss"] == pytest.approx(expected[record["step"]], abs=1e-6), record
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{MAX_STEPS}"
+
+
+def test_an_unknown_partition_is_refused_before_submission(slurm_cluster, tmp_path: Path) -> None:
+    command = [sys.executable, "launch/slurm.py", "--nodes", "2", "--partition", "gpu-big", "--",
+               "--config", "configs/tiny.yaml", "--deepspeed_config", "configs/ds/zero2.json",
+               "--run-dir", str(tmp_path / "run"), "--train-data", "x"]
+    result = subprocess.run(command, cwd=ROOT, env=_env(slurm_cluster), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "unknown partition 'gpu-big'; this cluster has: debug, urgent" in result.stderr
+    assert not (tmp_path / "run").exists()
