@@ -175,6 +175,44 @@ def test_corrupt_sample_and_truncated_tar_are_skipped_and_counted(train_shards: 
         list(_stream(damaged, max_epochs=1, max_failed_fraction=0.01))
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc): what SLURM signals in a job step besides the task itself."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_loader_processes_live_through_the_job_signals_slurm_sends_to_the_whole_step(train_shards: Path) -> None:
+    """SLURM's `--signal=USR2@N` and preemption's SIGTERM reach every process of the step; the workers,
+    forkserver and resource tracker must ignore them so the trainer can still reach its save."""
+    import os
+    import signal
+
+    expected = list(make_loader(_stream(train_shards, num_workers=2, max_epochs=1)))
+    batches = iter(make_loader(_stream(train_shards, num_workers=2, max_epochs=1)))
+    got = [next(batches) for _ in range(2)]
+    helpers = [pid for pid in _descendants(os.getpid()) if Path(f"/proc/{pid}/cmdline").exists()]
+    assert len(helpers) >= 3  # forkserver, resource tracker, 2 workers (+ their children, if any)
+    for signum in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM):
+        for pid in helpers:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+    got += list(batches)
+    assert _keys(got) == _keys(expected)
+
+
 def test_fewer_shards_than_readers_is_a_clear_error(train_shards: Path) -> None:
     with pytest.raises(ValueError, match=r"6 shards for 2 ranks × 4 workers = 8 readers"):
         _stream(train_shards, world_size=2, num_workers=4)

@@ -15,7 +15,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import multiprocessing.forkserver
+import signal
 import tarfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Iterator
@@ -337,10 +340,38 @@ class StreamTracker:
         return totals
 
 
+JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+"""What SLURM sends to every process of a job step before its time limit or on preemption. The trainer's
+main process handles them (agree, save, stop); the loader's processes must live on until it has."""
+
+
+def _ignore_job_signals(_worker_id: int | None = None) -> None:
+    for signum in JOB_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _start_forkserver_ignoring_job_signals() -> None:
+    """The forkserver (and the resource tracker it starts) inherit SIG_IGN across exec, and so do the
+    workers forked from it; without this a `--signal=USR2@N` kills them before the trainer can save.
+    A job signal arriving in the instant the forkserver starts is lost (the main process ignores it too)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in JOB_SIGNALS}
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def make_loader(stream: ShardStream, *, prefetch_factor: int = 2) -> DataLoader:
-    """A DataLoader over ready batches; forkserver workers because torch threads deadlock after fork."""
+    """A DataLoader over ready batches; forkserver workers because torch threads deadlock after fork.
+    The workers ignore the job signals (see `JOB_SIGNALS`)."""
     num_workers = stream.options.num_workers
+    if num_workers > 0:
+        _start_forkserver_ignoring_job_signals()
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       multiprocessing_context="forkserver" if num_workers > 0 else None,
                       prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                      worker_init_fn=_ignore_job_signals if num_workers > 0 else None,
                       persistent_workers=False)

@@ -15,9 +15,9 @@ import signal
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from audioldm_dist.data.stream import JOB_SIGNALS as STOP_SIGNALS
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+log = logging.getLogger(__name__)
 
 
 class StopSignal:
