@@ -14,6 +14,7 @@ import soundfile
 
 from audioldm_dist.config import TrainConfig
 from audioldm_dist.engine.ds_config import load_ds_config
+from processes import descendants, signal_all
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -116,20 +117,27 @@ def test_one_rank_resumes_a_two_rank_checkpoint_and_exported_weights_finetune(tr
 @pytest.mark.slow
 def test_sigterm_on_one_rank_saves_a_complete_checkpoint_and_exits_zero(train_shards: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    process = _launch(run, train_shards, max_steps=500, save_every=1000, wait=False)
+    process = _launch(run, train_shards, max_steps=500, save_every=1000, wait=False,
+                      extra=["--set", "train.logger=wandb"])
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
         assert process.poll() is None, process.stdout.read()[-3000:]
         time.sleep(0.2)
-    rank1 = subprocess.run(["pgrep", "-f", "train.py --local_rank=1"], capture_output=True, text=True).stdout.split()
-    assert rank1, "rank 1 process not found"
-    os.kill(int(rank1[0]), signal.SIGTERM)
+    ranks = [subprocess.run(["pgrep", "-f", f"train.py --local_rank={rank}"], capture_output=True,
+                            text=True).stdout.split() for rank in (0, 1)]
+    assert all(ranks), f"rank processes not found: {ranks}"
+    # As SLURM's preemption does, signal rank 1 and every helper process below the ranks (loader workers,
+    # forkserver, wandb-core of rank 0); rank 0 hears of it through the agreed stop.
+    helpers = [pid for rank in ranks for pid in descendants(int(rank[0]))]
+    assert any(b"wandb-core" in Path(f"/proc/{pid}/cmdline").read_bytes() for pid in helpers)
+    signal_all([int(ranks[1][0]), *helpers], signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-3000:]
     step = _latest_is_complete(run)
     assert 3 <= step < 500 and max(_losses(run)) == step
     assert "received SIGTERM" in output and "stopped by signal" in output
+    assert "wandb stopped working" in output  # and metrics.jsonl went on to the saved step (above)
 
 
 @pytest.mark.slow

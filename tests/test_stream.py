@@ -22,6 +22,7 @@ from audioldm_dist.data.metadata import DatasetRoot
 from audioldm_dist.data.sources import resolve_specs
 from audioldm_dist.data.stream import ShardStream, StreamOptions, StreamTracker, make_loader
 from audioldm_dist.data.stream_plan import StreamState
+from processes import descendants, signal_all
 
 # shared/ sits beside the checkout (CI and developers' machines) or inside it.
 REFERENCE = next((base / "shared" / "reference" / "seed_feature_reference.npz"
@@ -175,23 +176,6 @@ def test_corrupt_sample_and_truncated_tar_are_skipped_and_counted(train_shards: 
         list(_stream(damaged, max_epochs=1, max_failed_fraction=0.01))
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc): what SLURM signals in a job step besides the task itself."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def test_loader_processes_live_through_the_job_signals_slurm_sends_to_the_whole_step(train_shards: Path) -> None:
     """SLURM's `--signal=USR2@N` and preemption's SIGTERM reach every process of the step; the workers,
     forkserver and resource tracker must ignore them so the trainer can still reach its save."""
@@ -201,14 +185,10 @@ def test_loader_processes_live_through_the_job_signals_slurm_sends_to_the_whole_
     expected = list(make_loader(_stream(train_shards, num_workers=2, max_epochs=1)))
     batches = iter(make_loader(_stream(train_shards, num_workers=2, max_epochs=1)))
     got = [next(batches) for _ in range(2)]
-    helpers = [pid for pid in _descendants(os.getpid()) if Path(f"/proc/{pid}/cmdline").exists()]
-    assert len(helpers) >= 3  # forkserver, resource tracker, 2 workers (+ their children, if any)
+    helpers = descendants(os.getpid(), cmdline_contains=b"multiprocessing")
+    assert len(helpers) >= 4  # forkserver, resource tracker, 2 workers
     for signum in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM):
-        for pid in helpers:
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+        signal_all(helpers, signum)
     got += list(batches)
     assert _keys(got) == _keys(expected)
 

@@ -37,8 +37,7 @@ class MetricsLogger:
         record = {"step": step, **{k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in metrics.items()}}
         with self.path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        self._to_wandb(lambda run: run.log(metrics, step=step), step)
         if "loss" in metrics:
             self.bar.set_postfix_str(f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}", refresh=False)
 
@@ -48,14 +47,27 @@ class MetricsLogger:
             return
         import wandb
 
-        self.wandb_run.log({"val/audio": [wandb.Audio(str(p), sample_rate=sample_rate, caption=p.stem) for p in wav_paths],
-                            "val/spectrogram": [wandb.Image(str(p.with_suffix(".png")), caption=p.stem)
-                                                for p in wav_paths]}, step=step)
+        self._to_wandb(lambda run: run.log(
+            {"val/audio": [wandb.Audio(str(p), sample_rate=sample_rate, caption=p.stem) for p in wav_paths],
+             "val/spectrogram": [wandb.Image(str(p.with_suffix(".png")), caption=p.stem) for p in wav_paths]},
+            step=step), step)
+
+    def _to_wandb(self, call, step: int | None) -> None:
+        """wandb failing must not stop training: SLURM's SIGTERM (preemption, scancel) reaches every process
+        of the step, wandb's `wandb-core` service among them, and every later call then raises. From the
+        first failure on, metrics go to metrics.jsonl only."""
+        if self.wandb_run is None:
+            return
+        try:
+            call(self.wandb_run)
+        except Exception as error:
+            log.warning("wandb stopped working at step %s (%s: %s); metrics.jsonl only from here on",
+                        step, type(error).__name__, error)
+            self.wandb_run = None
 
     def advance(self) -> None:
         self.bar.update(1)
 
     def close(self) -> None:
         self.bar.close()
-        if self.wandb_run is not None:
-            self.wandb_run.finish()
+        self._to_wandb(lambda run: run.finish(), None)
