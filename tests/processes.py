@@ -37,3 +37,12 @@ def signal_all(pids: list[int], signum: int) -> None:
             os.kill(pid, signum)
         except ProcessLookupError:
             pass
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now: fixed ports collide with a run left over from an earlier test."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

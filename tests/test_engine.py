@@ -14,25 +14,39 @@ import soundfile
 
 from audioldm_dist.config import TrainConfig
 from audioldm_dist.engine.ds_config import load_ds_config
-from processes import descendants, signal_all
+from processes import descendants, free_port, signal_all
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
-_ports = iter(range(29610, 29700))
+_launched: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_orphan_runs():
+    """A failed or timed-out test must not leave its ranks running into the next one."""
+    yield
+    while _launched:
+        process = _launched.pop()
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def _launch(run_dir: Path, shards: Path, *, ranks: int = 2, stage: int | str = 2, max_steps: int = 6, save_every: int = 3,
             extra: list[str] = (), wait: bool = True):
-    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(next(_ports)), "train.py",
+    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train.py",
                "--deepspeed_config", f"configs/ds/zero{stage}.json", "--config", "configs/tiny.yaml",
                "--run-dir", str(run_dir), "--train-data", str(shards), "--max-steps", str(max_steps),
                "--save-every", str(save_every), *extra]
     env = {**os.environ, "WANDB_MODE": "offline"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    _launched.append(process)
     if not wait:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+        return process
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-6000:]
+    return subprocess.CompletedProcess(command, process.returncode, output, "")
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

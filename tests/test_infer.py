@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from audioldm_dist.infer import read_prompts, safe_name
+from processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,7 +93,7 @@ def test_same_seed_same_audio_on_one_or_two_ranks(tiny_checkpoint: Path, tmp_pat
     sidecar = json.loads((tmp_path / "a" / "A_wailing_siren.json").read_text())
     assert sidecar["caption"] == "A wailing siren" and sidecar["step"] == 7 and sidecar["seed"] == 3
 
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", "29790", "--module",
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
                "audioldm_dist.infer", "--config", "configs/tiny.yaml", "--ckpt", str(tiny_checkpoint),
                "--list_inference", str(lst), "--out", str(tmp_path / "two"), "--ddim_steps", "3", "--batch_size", "2",
                "--seed", "3"]
