@@ -176,21 +176,30 @@ def test_corrupt_sample_and_truncated_tar_are_skipped_and_counted(train_shards: 
         list(_stream(damaged, max_epochs=1, max_failed_fraction=0.01))
 
 
-def test_loader_processes_live_through_the_job_signals_slurm_sends_to_the_whole_step(train_shards: Path) -> None:
-    """SLURM's `--signal=USR2@N` and preemption's SIGTERM reach every process of the step; the workers,
-    forkserver and resource tracker must ignore them so the trainer can still reach its save."""
+def _read_through_job_signals(shards_dir: Path) -> None:
     import os
     import signal
 
-    expected = list(make_loader(_stream(train_shards, num_workers=2, max_epochs=1)))
-    batches = iter(make_loader(_stream(train_shards, num_workers=2, max_epochs=1)))
+    expected = list(make_loader(_stream(shards_dir, num_workers=2, max_epochs=1)))
+    batches = iter(make_loader(_stream(shards_dir, num_workers=2, max_epochs=1)))
     got = [next(batches) for _ in range(2)]
     helpers = descendants(os.getpid(), cmdline_contains=b"multiprocessing")
-    assert len(helpers) >= 4  # forkserver, resource tracker, 2 workers
+    assert len(helpers) >= 4, helpers  # forkserver, resource tracker, 2 workers
     for signum in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGTERM):
         signal_all(helpers, signum)
     got += list(batches)
     assert _keys(got) == _keys(expected)
+
+
+def test_loader_processes_live_through_the_job_signals_slurm_sends_to_the_whole_step(train_shards: Path) -> None:
+    """SLURM's `--signal=USR2@N` and preemption's SIGTERM reach every process of the step; the workers,
+    forkserver and resource tracker must ignore them so the trainer can still reach its save. In a fresh
+    interpreter, as in `train.py`: here a forkserver started by an earlier test (make-shards) would not."""
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              f"from pathlib import Path; from test_stream import _read_through_job_signals; "
+              f"_read_through_job_signals(Path({str(train_shards)!r}))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_fewer_shards_than_readers_is_a_clear_error(train_shards: Path) -> None:

@@ -353,7 +353,8 @@ def _ignore_job_signals(_worker_id: int | None = None) -> None:
 def _start_forkserver_ignoring_job_signals() -> None:
     """The forkserver (and the resource tracker it starts) inherit SIG_IGN across exec, and so do the
     workers forked from it; without this a `--signal=USR2@N` kills them before the trainer can save.
-    A job signal arriving in the instant the forkserver starts is lost (the main process ignores it too)."""
+    A job signal arriving in the instant the forkserver starts is lost (the main process ignores it too).
+    A forkserver already started by other code in this process is kept as it is: `train.py` starts none."""
     if threading.current_thread() is not threading.main_thread():
         return
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in JOB_SIGNALS}
