@@ -162,12 +162,20 @@ class DiffusionConfig:
     parameterization: str = "eps"
     """eps | v | x0."""
     ddim_steps: int = 200
+    """DDIM steps for validation samples and inference (at most num_timesteps / 2, as the original's rule)."""
+    ddim_eta: float = 1.0
+    """DDIM η: 1.0 is the original's generation default (ddpm.py `generate_sample(ddim_eta=1.0)`); 0 is deterministic."""
     guidance_scale: float = 3.5
     ema_decay: float = 0.9999
 
     def __post_init__(self) -> None:
         if self.parameterization not in ("eps", "v", "x0"):
             raise ValueError(f"diffusion.parameterization={self.parameterization!r}: expected eps, v or x0")
+        if not 1 <= self.ddim_steps <= self.num_timesteps // 2:
+            raise ValueError(f"diffusion.ddim_steps={self.ddim_steps}: expected 1 to {self.num_timesteps // 2} "
+                             f"(the original's DDIM rule indexes past the schedule above num_timesteps / 2)")
+        if self.ddim_eta < 0:
+            raise ValueError(f"diffusion.ddim_eta={self.ddim_eta} must be >= 0")
 
 
 @dataclass(kw_only=True)

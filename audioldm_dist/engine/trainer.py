@@ -25,7 +25,7 @@ from audioldm_dist.data.stream_plan import StreamState
 from audioldm_dist.diffusion.ema import EMA
 from audioldm_dist.engine import checkpoint
 from audioldm_dist.engine.distributed import DistEnv, destroy_process_group, device_for, init_process_group
-from audioldm_dist.engine.ds_config import load_ds_config, training_dtype
+from audioldm_dist.engine.ds_config import initialize_engine, load_ds_config, training_dtype
 from audioldm_dist.engine.metrics import MetricsLogger
 from audioldm_dist.engine.run_config import check_run_config
 from audioldm_dist.engine.signals import StopSignal
@@ -112,8 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopSignal) -> int:
-    import deepspeed
-
     from audioldm_dist.ldm import AudioLDM
     from audioldm_dist.pretrained import load_pretrained
 
@@ -146,12 +144,14 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
     trained.requires_grad_(True)
     objective = make_objective(model, config.train.target)
     ema = EMA(trained, decay=config.diffusion.ema_decay)  # before ZeRO-3 partitions the parameters
-    engine, _, _, _ = deepspeed.initialize(model=trained, model_parameters=[p for p in trained.parameters()
-                                                                            if p.requires_grad], config=ds)
+    engine = initialize_engine(trained, ds, fresh=point is None)
     zero_stage = engine.zero_optimization_stage()
     generator = torch.Generator().manual_seed(config.train.seed * 100_003 + env.rank)
     step, stream_state, wandb_id = 0, None, None
-    needs_scale = config.vae.scale_by_std and config.train.target == "ldm"
+    # scale_by_std as the original (ddpm.py:1087-1110): estimated only when a run starts from nothing and the
+    # scale is still 1; a scale that a checkpoint carries (--reload_from_ckpt, or the config) is used as it is.
+    needs_scale = (config.vae.scale_by_std and config.train.target == "ldm"
+                   and float(model.vae.scale_factor) == 1.0)
 
     if point is not None:
         engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_module_strict=True)
