@@ -117,6 +117,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
 
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls where the GPU has them, as the original (TLD:47-50)
     device = device_for(env)
     ds = load_ds_config(args.deepspeed_config, config.train, world_size=env.world_size)
     dtype = training_dtype(ds)
