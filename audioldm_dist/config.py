@@ -208,6 +208,14 @@ class TrainConfig:
     """Batches per rank for the validation loss; 0: the whole val split, each sample once."""
     val_num_samples: int = 4
     """DDIM samples per validation, for the first val captions (wav + spectrogram PNG); 0: none."""
+    hang_timeout: float = 0.0
+    """Seconds without a completed training step before the watchdog dumps every rank's stack and ends the job
+    (exit 3); 0: max(600, 20 × the median step time)."""
+    hang_timeout_long: float = 1800.0
+    """The allowance for start-up, validation and checkpoints, and the process group's collective timeout."""
+    stop_on_low_disk: bool = False
+    """Before each save, free space below the last checkpoint's size warns; with this, the run stops instead
+    (exit 1, `latest` kept) before writing a checkpoint that cannot fit."""
 
     def __post_init__(self) -> None:
         if self.target not in ("ldm", "vae"):
@@ -218,6 +226,9 @@ class TrainConfig:
                      "val_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.hang_timeout < 0 or self.hang_timeout_long <= 0:
+            raise ValueError(f"train.hang_timeout must be >= 0 and train.hang_timeout_long > 0, got "
+                             f"{self.hang_timeout} and {self.hang_timeout_long}")
 
 
 @dataclass(kw_only=True)
