@@ -69,8 +69,11 @@ _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken p
 
 
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    line = f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+    text = [line for line in str(error).strip().splitlines() if line.strip()]
+    if len(text) > 1 and text[0].startswith("Caught "):  # a DataLoader worker's error: its last line says what
+        line = f"in a DataLoader worker: {text[-1].strip()}"[:500]
+    else:
+        line = f"{type(error).__name__}: {text[0] if text else ''}"[:500]
     if any(marker in line for marker in _LOST_PEER):
         line += " (another rank is gone: see its log; killed by a signal or the OOM killer?)"
     return line
