@@ -128,18 +128,17 @@ def fit_clap_length(audio: torch.Tensor, *, num_samples: int = CLAP_NUM_SAMPLES)
 
 
 class ClapAudioFrontEnd(nn.Module):
-    """(B, 1, T) or (B, T) waveform at `sample_rate` → HTSAT's log-mel input (B, 1, 1001, 64).
+    """(B, 1, T) or (B, T) waveform at `sample_rate` → HTSAT's log-mel input (B, 1, 1001, 64), on its device.
 
     laion htsat.py: torchlibrosa `Spectrogram(n_fft=1024, hop=480, win=1024, hann, center, reflect,
     power=2)` and `LogmelFilterBank(sr=48000, n_fft=1024, n_mels=64, fmin=50, fmax=14000, ref=1,
     amin=1e-10, top_db=None)`: 10·log10(max(mel, 1e-10)), librosa's Slaney mel filters."""
 
-    def __init__(self, *, sample_rate: int, n_fft: int = 1024, hop_length: int = 480, num_mel_bins: int = 64,
+    def __init__(self, *, n_fft: int = 1024, hop_length: int = 480, num_mel_bins: int = 64,
                  f_min: float = 50.0, f_max: float = 14000.0) -> None:
         super().__init__()
         from torchaudio.functional import melscale_fbanks
 
-        self.sample_rate = sample_rate
         self.n_fft = n_fft
         self.hop_length = hop_length
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)  # librosa 'hann' = periodic
@@ -147,12 +146,12 @@ class ClapAudioFrontEnd(nn.Module):
                                                             CLAP_SAMPLE_RATE, norm="slaney", mel_scale="slaney"),
                              persistent=False)  # (n_fft/2+1, mels)
 
-    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+    def forward(self, waveform: torch.Tensor, *, sample_rate: int) -> torch.Tensor:
         import torchaudio
 
         audio = waveform.reshape(waveform.shape[0], -1).float()  # (B, T)
-        if self.sample_rate != CLAP_SAMPLE_RATE:  # original: CM:1291-1294, torchaudio's defaults
-            audio = torchaudio.functional.resample(audio, orig_freq=self.sample_rate, new_freq=CLAP_SAMPLE_RATE)
+        if sample_rate != CLAP_SAMPLE_RATE:  # original: CM:1291-1294, torchaudio's defaults
+            audio = torchaudio.functional.resample(audio, orig_freq=sample_rate, new_freq=CLAP_SAMPLE_RATE)
         audio = fit_clap_length(audio)
         spectrum = torch.stft(audio, self.n_fft, hop_length=self.hop_length, win_length=self.n_fft,
                               window=self.window, center=True, pad_mode="reflect", return_complex=True)
