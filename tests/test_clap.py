@@ -163,3 +163,26 @@ def test_converted_clap_gives_laion_clap_text_and_audio_embeddings(monkeypatch: 
     audio = ours.encode_audio(waveform, sample_rate=16000).film
     assert (audio - expected_audio).abs().max() < 1e-4, float((audio - expected_audio).abs().max())  # 6e-8
     assert (audio - text).abs().max() > 1e-2  # the two towers give different vectors: the test can tell
+
+
+def test_load_pretrained_converts_a_released_clap_and_keeps_our_export_layout() -> None:
+    from types import SimpleNamespace
+
+    from audioldm_dist.pretrained import load_conditioner_unless_supplied, load_pretrained
+
+    holder = SimpleNamespace(conditioner=offline_clap())  # pretrained="": only a checkpoint can fill it
+    state = released_clap_state(seed=3) | {"model.diffusion_model.x": torch.zeros(1)}
+    report = load_pretrained(holder, state, parts=("conditioner",))
+    part = report.parts["conditioner"]
+    assert (len(part.matched), part.missing, part.unexpected, len(part.ignored)) == (447, [], [], 20)
+    weight = holder.conditioner.model.text_projection.linear1.weight
+    torch.testing.assert_close(weight, state["cond_stage_model.model.text_projection.0.weight"])
+    load_conditioner_unless_supplied(holder, report, checkpoint="released")  # supplied: `pretrained` not read
+
+    ours = {f"cond_stage_model.{key}": 2 * value for key, value in holder.conditioner.state_dict().items()}
+    report = load_pretrained(holder, ours, parts=("conditioner",))
+    assert (len(report.parts["conditioner"].matched), report.parts["conditioner"].ignored) == (447, [])
+    torch.testing.assert_close(holder.conditioner.model.text_projection.linear1.weight,
+                               2 * state["cond_stage_model.model.text_projection.0.weight"])
+    with pytest.raises(ValueError, match="conditioner.pretrained is empty"):
+        load_conditioner_unless_supplied(holder, None, checkpoint=None)
