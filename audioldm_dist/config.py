@@ -183,12 +183,20 @@ class DiffusionConfig:
     parameterization: str = "eps"
     """eps | v | x0."""
     ddim_steps: int = 200
+    """DDIM steps for validation samples and inference (at most num_timesteps / 2, as the original's rule)."""
+    ddim_eta: float = 1.0
+    """DDIM η: 1.0 is the original's generation default (ddpm.py `generate_sample(ddim_eta=1.0)`); 0 is deterministic."""
     guidance_scale: float = 3.5
     ema_decay: float = 0.9999
 
     def __post_init__(self) -> None:
         if self.parameterization not in ("eps", "v", "x0"):
             raise ValueError(f"diffusion.parameterization={self.parameterization!r}: expected eps, v or x0")
+        if not 1 <= self.ddim_steps <= self.num_timesteps // 2:
+            raise ValueError(f"diffusion.ddim_steps={self.ddim_steps}: expected 1 to {self.num_timesteps // 2} "
+                             f"(the original's DDIM rule indexes past the schedule above num_timesteps / 2)")
+        if self.ddim_eta < 0:
+            raise ValueError(f"diffusion.ddim_eta={self.ddim_eta} must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -221,6 +229,14 @@ class TrainConfig:
     """Batches per rank for the validation loss; 0: the whole val split, each sample once."""
     val_num_samples: int = 4
     """DDIM samples per validation, for the first val captions (wav + spectrogram PNG); 0: none."""
+    hang_timeout: float = 0.0
+    """Seconds without a completed training step before the watchdog dumps every rank's stack and ends the job
+    (exit 3); 0: max(600, 20 × the median step time)."""
+    hang_timeout_long: float = 1800.0
+    """The allowance for start-up, validation and checkpoints, and the process group's collective timeout."""
+    stop_on_low_disk: bool = False
+    """Before each save, free space below the last checkpoint's size warns; with this, the run stops instead
+    (exit 1, `latest` kept) before writing a checkpoint that cannot fit."""
 
     def __post_init__(self) -> None:
         if self.target not in ("ldm", "vae"):
@@ -231,6 +247,9 @@ class TrainConfig:
                      "val_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.hang_timeout < 0 or self.hang_timeout_long <= 0:
+            raise ValueError(f"train.hang_timeout must be >= 0 and train.hang_timeout_long > 0, got "
+                             f"{self.hang_timeout} and {self.hang_timeout_long}")
 
 
 @dataclass(kw_only=True)

@@ -163,7 +163,7 @@ class AudioLDM(nn.Module):
         z = ddim_sample(denoiser, (len(texts), *self.latent_shape), schedule=self.schedule,
                         num_steps=num_steps or diffusion.ddim_steps,
                         guidance_scale=diffusion.guidance_scale if guidance_scale is None else guidance_scale,
-                        generator=generator, device=device, dtype=dtype, show_progress=show_progress)
+                        eta=diffusion.ddim_eta, generator=generator, device=device, dtype=dtype, show_progress=show_progress)
         mel = self.vae.decode(z.to(next(self.vae.parameters()).dtype) / self.vae.scale_factor)  # (B, 1, frames, mels)
         waveform = self.vocoder(mel.squeeze(1).transpose(1, 2).float())
         return waveform[..., : self.config.audio.num_samples]

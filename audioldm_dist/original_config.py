@@ -2,9 +2,10 @@
 
 Users bring their experiment files: `preprocessing`, `metadata_root` / `data`, and the
 `model.params` tree (`unet_config`, `first_stage_config.params.ddconfig`, `cond_stage_config`,
-schedule and evaluation settings) map onto our sections. YAML anchors resolve as usual. Keys with no
-counterpart here (optimiser and Lightning settings, loss configs) are listed by `unmapped_keys` so
-nothing is dropped silently.
+schedule and evaluation settings) and the training schedule (`step.max_steps`, `base_learning_rate`,
+`warmup_steps`, `batchsize`, checkpoint cadence) map onto our sections. YAML anchors resolve as usual.
+Every other key is returned with the reason it has no counterpart (`UNMAPPED_REASONS`), so nothing is
+dropped silently; a key with no known reason is reported as such.
 
     config, unmapped = read_original_config("audioldm_original.yaml")
     python -m audioldm_dist.original_config audioldm_original.yaml   # prints our YAML and the unmapped keys
@@ -46,6 +47,12 @@ _SCALARS = [
     ("preprocessing.mel.mel_fmin", "audio", "mel_fmin"),
     ("preprocessing.mel.mel_fmax", "audio", "mel_fmax"),
     ("metadata_root", "data", "metadata_root"),
+    ("step.max_steps", "train", "max_steps"),
+    ("step.save_checkpoint_every_n_steps", "train", "save_every"),
+    ("step.save_top_k", "train", "keep_last"),
+    ("model.params.base_learning_rate", "train", "learning_rate"),
+    ("model.params.warmup_steps", "train", "warmup_steps"),
+    ("model.params.batchsize", "train", "micro_batch_size"),
     ("data.train", "data", "train"),
     ("data.val", "data", "val"),
     ("data.test", "data", "test"),
@@ -78,8 +85,56 @@ _SCALARS = [
 ]
 
 
+# Why an original key has no counterpart: matched on the full dotted path, then on its last component.
+UNMAPPED_REASONS: dict[str, str] = {
+    "log_directory": "the run directory is train.py --run-dir",
+    "project": "the wandb project is WANDB_PROJECT",
+    "precision": "the trainer always sets torch.set_float32_matmul_precision('high'), as the original",
+    "data.dataloader_add_ons": "not needed: the CLAP audio path resamples to 48 kHz itself",
+    "step.validation_every_n_epochs": "train.val_every counts steps (a stream has no fixed epoch)",
+    "preprocessing.audio.max_wav_value": "unused by the original's training (audio is peak-normalised)",
+    "augmentation.mixup": "the original has no mixup code path (dataset.py:158): nothing to map",
+    "target": "a class path: ours are fixed classes chosen by conditioner.kind and train.target",
+    "reload_from_ckpt": "pass that checkpoint to train.py --reload_from_ckpt",
+    "sampling_rate": "the same value as preprocessing.audio.sampling_rate",
+    "mel_bins": "the same value as preprocessing.mel.n_mel_channels",
+    "monitor": "Lightning's checkpoint monitor: we keep the newest train.keep_last checkpoints",
+    "image_key": "the VAE input is always the log-mel (fbank)",
+    "first_stage_key": "the VAE input is always the log-mel (fbank)",
+    "subband": "1 is the only value (the released VAE)",
+    "time_shuffle": "1 is the only value (the released VAE)",
+    "resolution": "unused by the mel VAE",
+    "downsample_time": "false is the only value (the released VAE)",
+    "attn_resolutions": "[] is the only value (the released VAE: attention in the middle block only)",
+    "dropout": "0.0 is the only value for the VAE",
+    "optimize_ddpm_parameter": "true: train.target=ldm trains the UNet",
+    "optimize_gpt": "AudioLDM 2 only",
+    "num_timesteps_cond": "1 is the only value (the cond schedule is not shortened)",
+    "log_every_t": "intermediate-sample logging of the original; not used",
+    "latent_t_size": "derived from audio.duration and the VAE's downsampling",
+    "latent_f_size": "derived from audio.n_mel_channels and the VAE's downsampling",
+    "channels": "the same value as vae.embed_dim",
+    "latent_embed_dim": "the same value as vae.embed_dim",
+    "image_size": "unused by the UNet (latents of any size)",
+    "extra_film_use_concat": "always true: FiLM is concatenated to the time embedding (the released layout)",
+    "use_spatial_transformer": "always true (the released layout)",
+    "n_candidates_per_samples": "infer --n_candidates (best-of-N by CLAP)",
+    "model.params.first_stage_config.base_learning_rate": "the VAE stage's learning rate: train.learning_rate "
+                                                          "of a train.target=vae run",
+    "model.params.first_stage_config.params.batchsize": "the VAE stage's batch: train.micro_batch_size of a "
+                                                       "train.target=vae run",
+}
+
+
+def unmapped_reason(key: str) -> str:
+    """Why original key `key` (dotted path) has no counterpart here."""
+    if key in UNMAPPED_REASONS:
+        return UNMAPPED_REASONS[key]
+    return UNMAPPED_REASONS.get(key.rsplit(".", 1)[-1], "no counterpart here and no known reason: please report it")
+
+
 def read_original_config(path: str | Path) -> tuple[Config, list[str]]:
-    """Our config from an original YAML, and the original keys that have no counterpart."""
+    """Our config from an original YAML, and the original keys that have no counterpart (see `unmapped_reason`)."""
     path = Path(path)
     tree = yaml.safe_load(path.read_text())
     if not isinstance(tree, dict):
@@ -128,7 +183,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(text)
     if unmapped:
-        print(f"# {len(unmapped)} original keys have no counterpart here: {', '.join(unmapped)}")
+        print(f"# {len(unmapped)} original keys have no counterpart here:")
+        for key in unmapped:
+            print(f"#   {key}: {unmapped_reason(key)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Loading released AudioLDM checkpoints (Lightning `state_dict` layout) into our parts, with a key report.
 
-Prefixes: `model.diffusion_model.` → UNet, `first_stage_model.` → VAE (its `vocoder.` → HiFi-GAN),
+Prefixes: `model.diffusion_model.` → UNet, `first_stage_model.` → VAE (its `vocoder.` → HiFi-GAN, in
+weight-norm form or plain as the original saves it after `remove_weight_norm`),
 top-level `scale_factor` → the VAE's scale, `generator.` → HiFi-GAN (a vocoder checkpoint),
 `model_ema.` → EMA weights of the UNet (LitEma stores names without dots), `cond_stage_model.` (and
 the training repo's `cond_stage_models.0.`) → the conditioner. A CLAP in laion_clap names (released
@@ -134,6 +135,28 @@ def convert_laion_conditioner(state: dict[str, torch.Tensor]) -> tuple[dict[str,
     return rest | {f"cond_stage_model.model.{key}": value for key, value in converted.items()}, ignored
 
 
+def weight_norm_form(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain weight → (weight_g, weight_v) of `nn.utils.weight_norm(dim=0)` that give it back exactly.
+
+    g = ‖w‖ over every dim but 0 and v = w, so g·v/‖v‖ = w (for Conv1d and ConvTranspose1d alike)."""
+    norm = weight.flatten(1).norm(dim=1).reshape(-1, *([1] * (weight.dim() - 1)))
+    return norm, weight.clone()
+
+
+def _vocoder_to_weight_norm(part_state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+                            ) -> dict[str, torch.Tensor]:
+    """The original saves HiFi-GAN after `remove_weight_norm` (plain `.weight`, utilities/model_util.py `get_vocoder`);
+    ours keeps weight norm (`weight_g`/`weight_v`): convert the plain form wherever the model expects the other."""
+    converted: dict[str, torch.Tensor] = {}
+    for name, tensor in part_state.items():
+        stem = name[: -len("weight")]
+        if name.endswith(".weight") and name not in expected and stem + "weight_g" in expected:
+            converted[stem + "weight_g"], converted[stem + "weight_v"] = weight_norm_form(tensor)
+        else:
+            converted[name] = tensor
+    return converted
+
+
 def map_state_dict(state: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> tuple[dict[str, dict], LoadReport]:
     """Splits a released state dict into per-part state dicts and reports what matched."""
     report = LoadReport()
@@ -141,6 +164,9 @@ def map_state_dict(state: dict[str, torch.Tensor], modules: dict[str, nn.Module]
     expected = {part: module.state_dict() for part, module in modules.items()}
     if "conditioner" in expected and any(key.startswith("model.text_model.") for key in expected["conditioner"]):
         state, report.parts["conditioner"].ignored = convert_laion_conditioner(state)
+
+
+    state = _normalise_vocoder(state, expected.get("vocoder"))
     ema_names = {name.replace(".", ""): name for name in expected.get("unet", {})}
     for key, tensor in state.items():
         if key.startswith("model_ema."):
@@ -170,6 +196,20 @@ def map_state_dict(state: dict[str, torch.Tensor], modules: dict[str, nn.Module]
     for part, names in expected.items():
         report.parts[part].missing = sorted(set(names) - set(per_part[part]))
     return per_part, report
+
+
+def _normalise_vocoder(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor] | None
+                       ) -> dict[str, torch.Tensor]:
+    """`state` with a plain-weight vocoder (either prefix) put in weight-norm form; other keys untouched."""
+    if expected is None:
+        return state
+    out: dict[str, torch.Tensor] = {}
+    for prefix in ("first_stage_model.vocoder.", "generator."):
+        vocoder = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        out.update({prefix + key: value for key, value in _vocoder_to_weight_norm(vocoder, expected).items()})
+    out.update({key: value for key, value in state.items()
+                if not key.startswith(("first_stage_model.vocoder.", "generator."))})
+    return out
 
 
 def load_pretrained(model: nn.Module, source: str | Path | dict[str, torch.Tensor], *,

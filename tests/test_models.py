@@ -16,7 +16,7 @@ from audioldm_dist.models.attention import BACKENDS, scaled_dot_product, select_
 from audioldm_dist.models.unet import UNetModel
 from audioldm_dist.models.vae import AutoencoderKL
 from audioldm_dist.models.vocoder import HiFiGAN
-from audioldm_dist.original_config import read_original_config
+from audioldm_dist.original_config import read_original_config, unmapped_reason
 from audioldm_dist.pretrained import CheckpointError, load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,7 +234,12 @@ def test_original_yaml_maps_onto_our_config() -> None:
     assert config.conditioner.pretrained == "data/checkpoints/clap_htsat_tiny.pt"
     assert config.conditioner.amodel == "HTSAT-tiny" and config.conditioner.max_length == 512
     assert config.diffusion.ddim_steps == 200 and config.diffusion.guidance_scale == 3.5
-    assert "model.params.base_learning_rate" in unmapped
+    train = config.train  # the original's schedule (step.*, base_learning_rate, warmup_steps, batchsize)
+    assert (train.learning_rate, train.warmup_steps, train.max_steps, train.micro_batch_size, train.save_every,
+            train.keep_last) == (1e-4, 2000, 800_000, 2, 5000, 1)
+    assert "model.params.base_learning_rate" not in unmapped and "step.max_steps" not in unmapped
+    unknown = [key for key in unmapped if unmapped_reason(key).startswith("no counterpart here and no known reason")]
+    assert not unknown, f"original keys dropped without a reason: {unknown}"
 
 
 def test_model_code_does_not_import_training_code() -> None:

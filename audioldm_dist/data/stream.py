@@ -345,19 +345,26 @@ JOB_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 main process handles them (agree, save, stop); the loader's processes must live on until it has."""
 
 
-def _ignore_job_signals(_worker_id: int | None = None) -> None:
+def _worker_init(_worker_id: int | None = None) -> None:
+    """Workers ignore the job signals and die with their forkserver (`lifeline`)."""
+    from audioldm_dist.data.lifeline import die_with_parent
+
     for signum in JOB_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    die_with_parent()
 
 
 def _start_forkserver_ignoring_job_signals() -> None:
     """The forkserver (and the resource tracker it starts) inherit SIG_IGN across exec, and so do the
     workers forked from it; without this a `--signal=USR2@N` kills them before the trainer can save.
+    The forkserver preloads `lifeline`, so it dies with this process.
     A job signal arriving in the instant the forkserver starts is lost (the main process ignores it too).
     A forkserver already started by other code in this process is kept as it is: `train.py` starts none."""
     if threading.current_thread() is not threading.main_thread():
         return
     previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in JOB_SIGNALS}
+    # Importing `lifeline` in the forkserver makes it die with this rank (a SIGKILLed rank leaves no orphans).
+    multiprocessing.forkserver.set_forkserver_preload(["__main__", "audioldm_dist.data.lifeline"])
     try:
         multiprocessing.forkserver.ensure_running()
     finally:
@@ -374,5 +381,5 @@ def make_loader(stream: ShardStream, *, prefetch_factor: int = 2) -> DataLoader:
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       multiprocessing_context="forkserver" if num_workers > 0 else None,
                       prefetch_factor=prefetch_factor if num_workers > 0 else None,
-                      worker_init_fn=_ignore_job_signals if num_workers > 0 else None,
+                      worker_init_fn=_worker_init if num_workers > 0 else None,
                       persistent_workers=False)

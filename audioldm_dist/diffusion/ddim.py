@@ -1,4 +1,11 @@
-"""DDIM sampling (η = 0 by default) with classifier-free guidance."""
+"""DDIM sampling with classifier-free guidance, as the original's `DDIMSampler` (modules/latent_diffusion/ddim.py).
+
+Timesteps follow the original's 'uniform' rule exactly (`make_ddim_timesteps`): every (T // S)-th step of
+range(0, T), each shifted by one. When S does not divide T this gives more than S steps (S = 7 → 8 steps,
+the first at t = 995), as the original does; an S above T / 2 makes the original index ᾱ at t = T and crash,
+so it is refused here with a clear error. With η > 0 fresh noise is added at every step, the last included,
+as the original's `p_sample_ddim` does (η = 1 is the original's generation default, `diffusion.ddim_eta`).
+"""
 from __future__ import annotations
 
 from typing import Callable
@@ -13,11 +20,15 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
-    """The original 'uniform' selection: every (T / steps)-th step, shifted by one (1, 6, 11, ...)."""
-    if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"DDIM steps must be between 1 and {num_timesteps}, got {num_steps}")
+    """The original 'uniform' selection: range(0, T, T // S) + 1 (1, 6, 11, ... for T=1000, S=200).
+
+    Original: utilities/diffusion_util.py `make_ddim_timesteps` (c = T // S; range(0, T, c); + 1)."""
+    if not 1 <= num_steps <= num_timesteps // 2:
+        raise ValueError(f"DDIM steps must be between 1 and {num_timesteps // 2} (T/2) for T={num_timesteps}, got "
+                         f"{num_steps}: the original's uniform rule gives stride 1 above T/2 and then indexes t={num_timesteps}, "
+                         f"past the schedule (it crashes); use at most {num_timesteps // 2} steps")
     stride = num_timesteps // num_steps
-    return [t + 1 for t in range(0, num_timesteps, stride)][:num_steps]
+    return [t + 1 for t in range(0, num_timesteps, stride)]
 
 
 @torch.no_grad()
@@ -30,7 +41,7 @@ def ddim_sample(denoiser: Denoiser, shape: tuple[int, ...], *, schedule: NoiseSc
     steps = ddim_timesteps(schedule.num_timesteps, num_steps)
     alphas = schedule.alphas_cumprod
     for index in tqdm(list(reversed(range(len(steps)))), desc="DDIM", disable=not show_progress):
-        t_value = min(steps[index], schedule.num_timesteps - 1)
+        t_value = steps[index]
         t = torch.full((shape[0],), t_value, device=device, dtype=torch.long)
         conditional = denoiser(x, t, True)
         if guidance_scale != 1.0:
@@ -41,11 +52,11 @@ def ddim_sample(denoiser: Denoiser, shape: tuple[int, ...], *, schedule: NoiseSc
         eps, x0 = schedule.to_eps_and_x0(prediction, x, t)
         alpha = alphas[t_value]
         # As the original: the step before the first one uses ᾱ_0, not 1.
-        alpha_prev = alphas[min(steps[index - 1], schedule.num_timesteps - 1)] if index > 0 else alphas[0]
+        alpha_prev = alphas[steps[index - 1]] if index > 0 else alphas[0]
         sigma = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)).sqrt()
         direction = (1 - alpha_prev - sigma**2).clamp_min(0).sqrt().to(dtype) * eps
         x = alpha_prev.sqrt().to(dtype) * x0 + direction
-        if eta > 0 and index > 0:
+        if eta > 0:  # every step, the last included (original ddim.py p_sample_ddim: x_prev = ... + σ_t·noise)
             noise = torch.randn(shape, generator=generator, device="cpu").to(device=device, dtype=dtype)
             x = x + sigma.to(dtype) * noise
     return x

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from audioldm_dist.fileio import atomic_torch_save, atomic_write_bytes
+from audioldm_dist.fileio import (DiskFullError, atomic_torch_save, atomic_write_bytes, disk_full_error,
+                                  folder_bytes, free_bytes, human_bytes, is_out_of_space)
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,50 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def latest_tag(run_dir: Path) -> str | None:
+    latest = checkpoint_dir(run_dir) / LATEST
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def check_room(run_dir: Path, *, rank: int, stop: bool) -> int:
+    """Free space against the last complete checkpoint's size: a warning (or, with `stop`, a DiskFullError
+    before anything is written). Returns the bytes the next checkpoint is expected to need (0: unknown)."""
+    previous = latest_tag(run_dir)
+    needed = folder_bytes(checkpoint_dir(run_dir) / previous) if previous else 0
+    free = free_bytes(checkpoint_dir(run_dir))
+    if needed and free < needed:
+        message = (f"rank {rank}: {checkpoint_dir(run_dir)} has {human_bytes(free)} free but the last checkpoint "
+                   f"({previous}) took {human_bytes(needed)}: the next save may not fit")
+        if stop:
+            raise disk_full_error(checkpoint_dir(run_dir), what="the next checkpoint (train.stop_on_low_disk)",
+                                  needed=needed)
+        log.warning(message)
+    return needed
+
+
 def save(engine, *, run_dir: Path, step: int, client_state: dict, rng_state: dict, rank: int, world_size: int,
-         zero_stage: int, keep_last: int) -> Path:
-    """All ranks call this. Returns the tag folder once every rank has written and `latest` points at it."""
+         zero_stage: int, keep_last: int, stop_on_low_disk: bool = False) -> Path:
+    """All ranks call this. Returns the tag folder once every rank has written and `latest` points at it.
+
+    Out of space: the partial tag folder is removed (`latest` never named it) and a DiskFullError names the
+    folder, the bytes needed and free, and the checkpoint `latest` still names."""
     folder = checkpoint_dir(run_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(folder), tag=tag, save_latest=False,
-                           client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
     tag_dir = folder / tag
-    atomic_torch_save(tag_dir / f"rng_rank{rank}.pt", rng_state)
-    if rank == 0:
-        atomic_torch_save(tag_dir / CLIENT_STATE, client_state)
+    needed = check_room(run_dir, rank=rank, stop=stop_on_low_disk)
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, save_latest=False,
+                               client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+        atomic_torch_save(tag_dir / f"rng_rank{rank}.pt", rng_state)
+        if rank == 0:
+            atomic_torch_save(tag_dir / CLIENT_STATE, client_state)
+    except (OSError, RuntimeError) as error:
+        if not is_out_of_space(error, folder, needed=needed):
+            raise
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        full = disk_full_error(folder, what=f"checkpoint {tag}", needed=needed)
+        raise DiskFullError(full.errno, f"{full.strerror}; `latest` still names {latest_tag(run_dir) or 'nothing'}"
+                                        f" (complete); free space or move the run directory, then resume") from None
     _barrier()  # every rank has written its shards and RNG file
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "zero_stage": zero_stage}

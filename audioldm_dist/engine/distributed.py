@@ -1,10 +1,18 @@
 """Rank, world size and local rank from the launcher's environment (deepspeed/torchrun, or SLURM)."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,8 +39,45 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def init_process_group(env: DistEnv) -> None:
-    """NCCL on CUDA, gloo on the CPU, through DeepSpeed (which also sets up its accelerator)."""
+LOCK_WARNING_SECONDS = 60.0
+
+
+def extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-built ops go: TORCH_EXTENSIONS_DIR if set, else inside this environment, keyed by
+    the torch version. The shared default (~/.cache/torch_extensions) hangs an older torch forever on the
+    `lock` file a newer torch keeps there by design."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    folder = Path(sys.prefix) / "torch_extensions" / f"torch{torch.__version__}"
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
+    return folder
+
+
+def _warn_about_build_locks(folder: Path, *, rank: int) -> None:
+    locks = sorted(str(lock) for lock in folder.glob("*/lock")) if folder.is_dir() else []
+    log.warning("rank %d: still waiting after %.0f s for DeepSpeed's op build or its lock (%s). If no other process "
+                "is building these ops, delete the lock file and start again (or set TORCH_EXTENSIONS_DIR to an "
+                "empty folder)", rank, LOCK_WARNING_SECONDS, ", ".join(locks) or f"nothing locked in {folder} yet")
+
+
+@contextmanager
+def build_lock_warning(*, rank: int) -> Iterator[None]:
+    """Around DeepSpeed calls that may JIT-build ops: after 60 s, log the lock files and what to do."""
+    timer = threading.Timer(LOCK_WARNING_SECONDS, _warn_about_build_locks, args=(extensions_dir(),),
+                            kwargs={"rank": rank})
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def init_process_group(env: DistEnv, *, timeout_s: float = 1800.0) -> None:
+    """NCCL on CUDA, gloo on the CPU, through DeepSpeed (which also sets up its accelerator and builds its
+    communication op). `timeout_s` bounds every collective (torch's default is 30 minutes)."""
+    import datetime
+
     import deepspeed
 
     if torch.cuda.is_available():
@@ -42,7 +87,19 @@ def init_process_group(env: DistEnv) -> None:
     os.environ.setdefault("RANK", str(env.rank))
     os.environ.setdefault("WORLD_SIZE", str(env.world_size))
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    with build_lock_warning(rank=env.rank):
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def attempt_id() -> str:
+    """An id every rank of this start of the job shares (rank 0 draws it): names this attempt's failure reports."""
+    import secrets
+
+    token = [secrets.token_hex(6)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(token, src=0)
+    return token[0]
 
 
 def destroy_process_group(*, barrier: bool = True) -> None:

@@ -2,6 +2,9 @@
 
 Values our YAML owns (micro-batch, accumulation, learning rate, warm-up) are written into the JSON
 when it leaves them out or says "auto"; a different explicit value is an error that names both.
+The shipped JSONs are the original's optimiser: AdamW with torch's defaults (betas 0.9/0.999, eps 1e-8,
+weight decay 0.01), no gradient clipping, linear warm-up then constant (ddpm.py:560-578, 1046-1072).
+`initialize_engine` aligns DeepSpeed's schedulers with the original's step count (see there).
 """
 from __future__ import annotations
 
@@ -57,3 +60,19 @@ def training_dtype(ds: dict):
     if ds.get("fp16", {}).get("enabled"):
         return torch.float16
     return torch.float32
+
+
+def initialize_engine(module, ds: dict, *, fresh: bool):
+    """`deepspeed.initialize` over `module`'s trainable parameters, with the schedule aligned to the original.
+
+    DeepSpeed's schedulers start at iteration -1 and step after each update, so the update with index g
+    (0-based) uses the schedule's value at g - 1 (WarmupLR: max(g - 1, 0) / W). The original sets
+    lr = base · min(g / W, 1) before update g (ddpm.py:560-578 `warmup_step`). One scheduler step before
+    the first update of a fresh run makes them equal; a resumed run restores the scheduler's own state."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()
+                                                                           if p.requires_grad], config=ds)
+    if fresh and engine.lr_scheduler is not None:
+        engine.lr_scheduler.step()
+    return engine

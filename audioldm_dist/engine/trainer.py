@@ -24,8 +24,10 @@ from audioldm_dist.data.stream import ShardStream, StreamOptions, StreamTracker,
 from audioldm_dist.data.stream_plan import StreamState
 from audioldm_dist.diffusion.ema import EMA
 from audioldm_dist.engine import checkpoint
-from audioldm_dist.engine.distributed import DistEnv, destroy_process_group, device_for, init_process_group
-from audioldm_dist.engine.ds_config import load_ds_config, training_dtype
+from audioldm_dist.engine.distributed import (DistEnv, attempt_id, build_lock_warning, destroy_process_group,
+                                              device_for, init_process_group)
+from audioldm_dist.engine.guard import JobGuard, inject_test_fault
+from audioldm_dist.engine.ds_config import initialize_engine, load_ds_config, training_dtype
 from audioldm_dist.engine.metrics import MetricsLogger
 from audioldm_dist.engine.run_config import check_run_config
 from audioldm_dist.engine.signals import StopSignal
@@ -96,15 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return 2
-    init_process_group(env)
+    init_process_group(env, timeout_s=config.train.hang_timeout_long)
     stop = StopSignal(rank=env.rank)
+    guard = JobGuard(run_dir=Path(args.run_dir), attempt=attempt_id(), rank=env.rank,
+                     hang_timeout=config.train.hang_timeout, hang_timeout_long=config.train.hang_timeout_long)
     try:
-        status = train(config, args, env, stop=stop)
-    except BaseException:
-        log.exception("rank %d: training failed", env.rank)
-        destroy_process_group(barrier=False)
-        raise
-    destroy_process_group()
+        status = train(config, args, env, stop=stop, guard=guard)
+    except BaseException as error:  # noqa: BLE001 — every failure ends the job: guard.fail never returns
+        guard.fail(error)
+    with guard.phase("shutdown"):
+        destroy_process_group()
+    guard.close()
     if stop.stopped_early:
         stop.forward()  # e.g. submitit's requeue, now that the checkpoint is complete
     stop.restore()
@@ -125,11 +129,10 @@ def build_model_with_weights(config: Config, *, captions: list[str] | None, relo
     return model
 
 
-def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopSignal) -> int:
-    import deepspeed
-
+def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopSignal, guard: JobGuard) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls where the GPU has them, as the original (TLD:47-50)
     device = device_for(env)
     ds = load_ds_config(args.deepspeed_config, config.train, world_size=env.world_size)
     dtype = training_dtype(ds)
@@ -156,12 +159,15 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
     trained.requires_grad_(True)
     objective = make_objective(model, config.train.target)
     ema = EMA(trained, decay=config.diffusion.ema_decay)  # before ZeRO-3 partitions the parameters
-    engine, _, _, _ = deepspeed.initialize(model=trained, model_parameters=[p for p in trained.parameters()
-                                                                            if p.requires_grad], config=ds)
+    with build_lock_warning(rank=env.rank):
+        engine = initialize_engine(trained, ds, fresh=point is None)
     zero_stage = engine.zero_optimization_stage()
     generator = torch.Generator().manual_seed(config.train.seed * 100_003 + env.rank)
     step, stream_state, wandb_id = 0, None, None
-    needs_scale = config.vae.scale_by_std and config.train.target == "ldm"
+    # scale_by_std as the original (ddpm.py:1087-1110): estimated only when a run starts from nothing and the
+    # scale is still 1; a scale that a checkpoint carries (--reload_from_ckpt, or the config) is used as it is.
+    needs_scale = (config.vae.scale_by_std and config.train.target == "ldm"
+                   and float(model.vae.scale_factor) == 1.0)
 
     if point is not None:
         engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_module_strict=True)
@@ -200,8 +206,11 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
         validator = Validator(resolve_specs(config.train.val_data), config=config, objective=objective,
                               rank=env.rank, world_size=env.world_size, run_dir=run_dir)
     model.train()
+    failed = False
     try:
         while step < config.train.max_steps:
+            guard.set_phase(f"step {step + 1}")
+            inject_test_fault(rank=env.rank, step=step + 1)
             started = time.perf_counter()
             data_wait = 0.0
             losses = []
@@ -219,6 +228,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
                 losses.append(loss.detach().float())
             step += 1
             _update_ema(ema, engine, zero_stage=zero_stage)
+            guard.step_done(time.perf_counter() - started)
             mean_loss = torch.stack(losses).mean()
             if dist.is_initialized():
                 dist.all_reduce(mean_loss)
@@ -227,7 +237,8 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
             samples = config.train.micro_batch_size * config.train.gradient_accumulation_steps * env.world_size
             val_metrics = {}
             if validator is not None and (step % config.train.val_every == 0 or step == config.train.max_steps):
-                val_metrics = _validate(validator, model, engine, ema, logger, step=step)  # before saving: resume stays exact
+                with guard.phase(f"validation at step {step}"):
+                    val_metrics = _validate(validator, model, engine, ema, logger, step=step)  # before saving: exact resume
             if step % config.train.log_every == 0 or val_metrics:
                 grad_norm = engine.get_global_grad_norm()
                 counters = tracker.counters()
@@ -240,14 +251,19 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
             logger.advance()
             stopping = stop.should_stop()
             if step % config.train.save_every == 0 or step == config.train.max_steps or stopping:
-                _save(engine, model, ema, tracker, generator, run_dir=run_dir, step=step, env=env,
-                      zero_stage=zero_stage, config=config, wandb_id=logger.wandb_id)
+                with guard.phase(f"checkpoint at step {step}"):
+                    _save(engine, model, ema, tracker, generator, run_dir=run_dir, step=step, env=env,
+                          zero_stage=zero_stage, config=config, wandb_id=logger.wandb_id)
             if stopping and step < config.train.max_steps:
                 stop.stopped_early = True
                 log.warning("rank %d: stopped by signal after saving step %d", env.rank, step)
                 return 0
+    except BaseException:
+        failed = True  # the guard ends this rank and wandb's process with it: no wandb.finish() that may hang
+        raise
     finally:
-        logger.close()
+        if not failed:
+            logger.close()
     log.info("training finished at step %d", step)
     return 0
 
@@ -300,7 +316,8 @@ def _save(engine, model, ema, tracker, generator, *, run_dir: Path, step: int, e
     client = {"step": step, "scale_factor": float(model.vae.scale_factor), "stream": tracker.state.to_dict(),
               "ema": ema.state_dict(), "config": to_dict(config), "wandb_id": wandb_id}
     checkpoint.save(engine, run_dir=run_dir, step=step, client_state=client, rng_state=rng_state(generator),
-                    rank=env.rank, world_size=env.world_size, zero_stage=zero_stage, keep_last=config.train.keep_last)
+                    rank=env.rank, world_size=env.world_size, zero_stage=zero_stage, keep_last=config.train.keep_last,
+                    stop_on_low_disk=config.train.stop_on_low_disk)
 
 
 def _truncate_metrics(path: Path, *, after_step: int) -> None:
