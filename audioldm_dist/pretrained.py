@@ -164,8 +164,6 @@ def map_state_dict(state: dict[str, torch.Tensor], modules: dict[str, nn.Module]
     expected = {part: module.state_dict() for part, module in modules.items()}
     if "conditioner" in expected and any(key.startswith("model.text_model.") for key in expected["conditioner"]):
         state, report.parts["conditioner"].ignored = convert_laion_conditioner(state)
-
-
     state = _normalise_vocoder(state, expected.get("vocoder"))
     ema_names = {name.replace(".", ""): name for name in expected.get("unet", {})}
     for key, tensor in state.items():
