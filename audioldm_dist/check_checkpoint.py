@@ -1,7 +1,7 @@
 """`python -m audioldm_dist.check_checkpoint CKPT --config CONFIG`: will this checkpoint load?
 
-Builds the configured model (the conditioner from its config as well, so a tiny random one for
-`random_init` configs) and prints per part (UNet, VAE, conditioner, vocoder) the matched, missing and
+Builds the configured model without loading any weights (the conditioner's architecture from its
+config, so this works offline; a tiny random one for `random_init` configs) and prints per part (UNet, VAE, conditioner, vocoder) the matched, missing and
 unexpected keys. Exit 1 on shape mismatches, 2 on an unreadable file; missing parts only warn, since
 the released files omit some (run it before a long finetuning job).
 """
@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     from audioldm_dist.pretrained import read_export_metadata
 
     # A random_init conditioner's vocabulary travels in our exports; released files have none.
-    model = AudioLDM(config, captions=read_export_metadata(args.checkpoint).get("captions"))
+    try:
+        model = AudioLDM(config, captions=read_export_metadata(args.checkpoint).get("captions"),
+                         load_conditioner_weights=False)
+    except ValueError as error:  # e.g. a conditioner.pretrained hub name that is not cached, offline
+        print(f"check_checkpoint: error: {error}", file=sys.stderr)
+        return 2
     modules = {part: getattr(model, part) for part in ("unet", "vae", "vocoder", "conditioner")}
     _, report = map_state_dict(state, modules)
     print(f"{args.checkpoint}: {len(state)} tensors")

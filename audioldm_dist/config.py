@@ -128,28 +128,49 @@ class VocoderConfig:
 
 @dataclass(kw_only=True)
 class ConditionerConfig:
-    """Text/audio conditioning through transformers (CLAP for FiLM, FLAN-T5 for cross-attention)."""
+    """The frozen encoder that conditions the UNet: the original's CLAP (FiLM) or FLAN-T5 (cross-attention)."""
 
     kind: str = "clap"
-    """clap (transformers ClapModel) | t5 (T5 encoder) | laion (laion_clap checkpoint, optional extra)."""
-    pretrained: str = "laion/clap-htsat-unfused"
-    """Hub name or local folder for from_pretrained; a laion_clap .pt path for kind=laion."""
+    """clap (the original laion CLAP as transformers' ClapModel) | t5 (a T5 encoder)."""
+    pretrained: str = ""
+    """Where the weights come from: a hub name or local save_pretrained folder (from_pretrained), or for
+    kind=clap a laion_clap .pt (e.g. data/checkpoints/clap_htsat_tiny.pt, converted on load). Empty: from
+    the checkpoint given to --reload_from_ckpt / infer --ckpt. Not read when that checkpoint has them."""
+    amodel: str = "HTSAT-tiny"
+    """CLAP audio tower for a .pt or empty `pretrained`: HTSAT-tiny (AudioLDM-S) | HTSAT-base (AudioLDM-M)."""
+    tokenizer: str = ""
+    """Hub name or local folder of the text tokenizer, loaded on the first encode. Empty: `pretrained` when
+    that is a transformers model (hub name or folder), else roberta-base for CLAP."""
     random_init: bool = False
     """Build from `tiny` config values with random weights instead of loading (tests, demo, offline)."""
     tiny: dict = field(default_factory=dict)
     """Overrides for random_init: T5Config fields; for CLAP `projection_dim`, `text` and `audio` sub-configs;
     `seed` of the random weights."""
-    embed_mode: str = "text"
-    """text | audio: which CLAP tower conditions training (AudioLDM trains on audio embeddings)."""
+    embed_mode: str = "mixed"
+    """CLAP in training: mixed (the original: each micro-batch uses text with probability Φ(0.5) ≈ 0.691,
+    else the audio embedding of its waveform) | text | audio. Validation and generation use text."""
     ucg_rate: float = 0.1
-    """Classifier-free guidance dropout: fraction of batches trained unconditionally."""
+    """Classifier-free dropout per micro-batch: the whole batch becomes unconditional with this probability
+    (never on the model's first call, as the original's dry run)."""
+    ucg_sample_rate: float = 0.1
+    """CLAP only: in training, each sample of a conditional batch is also made unconditional with this
+    probability (the original's CLAP conditioner, 0.1)."""
     max_length: int = 128
+    """Tokenizer padding/truncation length (the original: 512 for CLAP's RoBERTa, 128 for FLAN-T5)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("clap", "t5", "laion"):
-            raise ValueError(f"conditioner.kind={self.kind!r}: expected clap, t5 or laion")
-        if self.embed_mode not in ("text", "audio"):
-            raise ValueError(f"conditioner.embed_mode={self.embed_mode!r}: expected text or audio")
+        if self.kind not in ("clap", "t5"):
+            raise ValueError(f"conditioner.kind={self.kind!r}: expected clap or t5 (a laion_clap .pt is "
+                             "conditioner.pretrained of kind=clap)")
+        if self.embed_mode not in ("mixed", "text", "audio"):
+            raise ValueError(f"conditioner.embed_mode={self.embed_mode!r}: expected mixed, text or audio")
+        if self.amodel not in ("HTSAT-tiny", "HTSAT-base"):
+            raise ValueError(f"conditioner.amodel={self.amodel!r}: expected HTSAT-tiny or HTSAT-base")
+        for name in ("ucg_rate", "ucg_sample_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"conditioner.{name}={getattr(self, name)}: expected a probability in [0, 1]")
+        if self.kind == "t5" and self.embed_mode == "audio":
+            raise ValueError("conditioner.embed_mode=audio needs kind=clap (T5 encodes text only)")
 
 
 @dataclass(kw_only=True)

@@ -178,10 +178,11 @@ def generate_all(config, args, prompts: list[Prompt], checkpoint_path: Path, *, 
 
     from audioldm_dist.engine.distributed import device_for
     from audioldm_dist.ldm import AudioLDM
-    from audioldm_dist.pretrained import CheckpointError, load_pretrained, read_export_metadata
+    from audioldm_dist.pretrained import (CheckpointError, load_conditioner_unless_supplied, load_pretrained,
+                                          read_export_metadata)
 
     metadata = read_export_metadata(checkpoint_path)
-    model = AudioLDM(config, captions=metadata.get("captions"))
+    model = AudioLDM(config, captions=metadata.get("captions"), load_conditioner_weights=False)
     try:
         report = load_pretrained(model, checkpoint_path)
     except CheckpointError as error:
@@ -192,6 +193,11 @@ def generate_all(config, args, prompts: list[Prompt], checkpoint_path: Path, *, 
     if incomplete:
         print(f"infer: error: {checkpoint_path} lacks weights of {', '.join(incomplete)} for this config "
               f"(an unknown layout, or another model?); key report:\n{report.summary()}", file=sys.stderr)
+        return 2
+    try:
+        load_conditioner_unless_supplied(model, report, checkpoint=checkpoint_path)
+    except ValueError as error:  # CheckpointError too
+        print(f"infer: error: {error}", file=sys.stderr)
         return 2
     use_ema = not args.no_ema and bool(report.ema)
     if use_ema:
@@ -224,7 +230,7 @@ def generate_all(config, args, prompts: list[Prompt], checkpoint_path: Path, *, 
 
 
 NEEDED_PARTS = ("unet", "vae", "vocoder")
-"""Parts a checkpoint must fill for inference (a pretrained conditioner loads from its own name)."""
+"""Parts a checkpoint must fill for inference (else the conditioner loads from conditioner.pretrained)."""
 
 
 def _key_report(model, checkpoint_path: Path) -> str:

@@ -3,6 +3,11 @@
 `AudioLDM.loss(batch)` is the DDPM training objective on a loader batch; `AudioLDM.generate(texts)`
 is DDIM with classifier-free guidance down to waveforms. Only the UNet is trainable: the VAE,
 vocoder and conditioner are frozen and kept out of the optimizer (`trainable_parameters`).
+
+Conditioning in training follows the original recipe (`training_condition`), every draw from the
+generator passed to `loss` (the trainer's, so exact resume replays them): CLAP's text/audio switch per
+micro-batch, classifier-free dropout of whole batches (never on the first call: the original's dry run)
+and, for CLAP, of single samples. Validation and generation encode the captions, with no dropout.
 """
 from __future__ import annotations
 
@@ -21,14 +26,21 @@ from audioldm_dist.models.vocoder import HiFiGAN
 
 
 class AudioLDM(nn.Module):
-    def __init__(self, config: Config, *, captions: list[str] | None = None) -> None:
+    def __init__(self, config: Config, *, captions: list[str] | None = None,
+                 load_conditioner_weights: bool = True) -> None:
+        """`load_conditioner_weights=False`: the conditioner's architecture only, for callers that fill it from
+        a checkpoint and call `conditioner.load_weights()` only if the checkpoint lacked it."""
         super().__init__()
         self.config = config
         self.captions = captions
         self.unet = UNetModel(config.unet)
         self.vae = AutoencoderKL(config.vae)
         self.vocoder = HiFiGAN(config.vocoder)
-        self.conditioner = build_conditioner(config.conditioner, captions=captions)
+        self.conditioner = build_conditioner(config.conditioner, captions=captions,
+                                             load_weights=load_conditioner_weights)
+        self.conditional_dry_run_finished = False
+        """False until the first `loss` call, which never drops the condition (original: ddpm.py:1276-1277);
+        the trainer sets it on resume so that a resumed run replays the uninterrupted one."""
         self.schedule = NoiseSchedule(config.diffusion)
         self.mel = MelFeatures(config.audio)
         for frozen in (self.vae, self.vocoder):
@@ -74,11 +86,34 @@ class AudioLDM(nn.Module):
         z = self.vae.encode(log_mel.unsqueeze(1)).sample(generator)
         return z * self.vae.scale_factor
 
-    def condition(self, batch: dict, *, device: torch.device) -> Condition:
-        if self.config.conditioner.embed_mode == "audio":
-            return self.conditioner.encode_audio(batch["waveform"].to(device),
-                                                 sample_rate=self.config.audio.sampling_rate)
+    def condition(self, batch: dict, *, device: torch.device, mode: str = "text") -> Condition:
+        """The conditioner's encoding of the batch's captions (`mode="text"`) or waveforms (`"audio"`, CLAP)."""
+        if mode == "audio":
+            return self.conditioner.encode_audio(batch["waveform"].to(device), sample_rate=self.config.audio.sampling_rate)
         return self.conditioner.encode_text(list(batch["text"]), device=device)
+
+    def training_embed_mode(self, *, generator: torch.Generator | None) -> str:
+        """CLAP with embed_mode=mixed: text if a standard normal draw < 0.5 (P = Φ(0.5) ≈ 0.691), else audio,
+        for the whole micro-batch (original: ddpm.py:656-683, `torch.randn(1).item() < 0.5`)."""
+        settings = self.config.conditioner
+        if settings.kind != "clap" or settings.embed_mode != "mixed":
+            return "audio" if settings.embed_mode == "audio" else "text"
+        device = None if generator is None else generator.device
+        return "text" if float(torch.randn(1, generator=generator, device=device)) < 0.5 else "audio"
+
+    def training_condition(self, batch: dict, *, mode: str, batch_size: int, device: torch.device,
+                           generator: torch.Generator | None) -> Condition:
+        """The original's two layers of classifier-free dropout on top of the `mode` encoding.
+
+        Per batch (ddpm.py:1211-1215): unconditional with probability `ucg_rate`, except on the first call
+        (dry run, ddpm.py:1276-1277); the uniform is drawn on every call so the generator stays in step.
+        Per sample, only when the batch was not dropped (CLAP, conditional_models.py:1321-1324)."""
+        dropped = self.conditioner.batch_dropped(generator=generator) and self.conditional_dry_run_finished
+        self.conditional_dry_run_finished = True
+        if dropped:  # original: every conditioner returns get_unconditional_condition(B) (ddpm.py:1172-1186)
+            return self.conditioner.unconditional(device).repeat(batch_size)
+        condition = self.condition(batch, device=device, mode=mode)
+        return self.conditioner.drop_samples(condition, generator=generator)
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, condition: Condition, *, unet: nn.Module | None = None
                 ) -> torch.Tensor:
@@ -88,15 +123,17 @@ class AudioLDM(nn.Module):
              reduction: str = "mean", guidance_dropout: bool = True) -> torch.Tensor:
         """DDPM loss on a loader batch (uses `log_mel_spec` if the loader computed it, else the waveform).
 
-        `unet` replaces `self.unet` in the forward pass (the DeepSpeed engine that wraps it); validation
-        turns `guidance_dropout` off and asks for per-sample losses (`reduction="none"`)."""
+        `guidance_dropout=True` is training: the conditioning recipe of `training_condition`. `unet`
+        replaces `self.unet` in the forward pass (the DeepSpeed engine that wraps it); validation turns `guidance_dropout` off and asks for per-sample losses (`reduction="none"`)."""
         device = next(self.unet.parameters()).device
+        mode = self.training_embed_mode(generator=generator) if guidance_dropout else "text"
         log_mel = self.batch_log_mel(batch)
         x0 = self.latents(log_mel.to(next(self.vae.parameters()).dtype), generator=generator)
-        condition = self.condition(batch, device=device)
         if guidance_dropout:
-            condition = self.conditioner.drop_for_guidance(condition, batch_size=x0.shape[0], device=device,
-                                                           generator=generator)
+            condition = self.training_condition(batch, mode=mode, batch_size=x0.shape[0], device=device,
+                                                generator=generator)
+        else:  # validation: the captions, no dropout (the original keeps its per-sample 10% here too)
+            condition = self.condition(batch, device=device)
         network = unet or self.unet
         unet_dtype = next(self.unet.parameters()).dtype
 

@@ -160,8 +160,10 @@ def read_original_config(path: str | Path) -> tuple[Config, list[str]]:
         if "FlanT5" in target or "T5" in target:
             conditioner.update(kind="t5", pretrained="google/flan-t5-large")
         elif "CLAP" in target:
-            conditioner.update(kind="clap", pretrained="laion/clap-htsat-unfused",
-                               embed_mode="audio" if params.get("embed_mode") == "audio" else "text")
+            # The YAML's embed_mode is overridden every training step (ddpm.py:656-683): mixed.
+            conditioner.update(kind="clap", pretrained=str(params.get("pretrained_path") or ""),
+                               amodel=str(params.get("amodel") or "HTSAT-tiny"), tokenizer="roberta-base",
+                               max_length=512, embed_mode="mixed")
         used.update(f"model.params.cond_stage_config.{name}.{leaf}" for leaf in _flatten(condition))
     config = from_dict(Config, raw, where=str(path))
     unmapped = [key for key in _flatten(tree) if key not in used and not key.startswith("variables.")]

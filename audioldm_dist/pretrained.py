@@ -3,8 +3,11 @@
 Prefixes: `model.diffusion_model.` → UNet, `first_stage_model.` → VAE (its `vocoder.` → HiFi-GAN, in
 weight-norm form or plain as the original saves it after `remove_weight_norm`),
 top-level `scale_factor` → the VAE's scale, `generator.` → HiFi-GAN (a vocoder checkpoint),
-`model_ema.` → EMA weights of the UNet (LitEma stores names without dots), `cond_stage_model.` →
-the conditioner (laion_clap names; the transformers port needs its own `from_pretrained`). Keys a
+`model_ema.` → EMA weights of the UNet (LitEma stores names without dots), `cond_stage_model.` (and
+the training repo's `cond_stage_models.0.`) → the conditioner. A CLAP in laion_clap names (released
+files) is converted to transformers' `ClapModel` names (`models/clap.py`); its keys with no ClapModel
+counterpart (torchlibrosa front end, attention masks, AudioSet head, transform MLPs) are reported as
+`ignored`. Our exports store `cond_stage_model.model.<ClapModel key>` and load as they are. Keys a
 released file lacks are warnings (the released files omit some parts); a shape mismatch is an
 error naming the key.
 """
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from audioldm_dist.models.clap import convert_laion_state_dict, is_laion_layout
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,8 @@ class PartReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    """Known keys of the released layout that we do not need (the laion CLAP's extras)."""
 
 
 @dataclass
@@ -45,10 +52,10 @@ class LoadReport:
         return not any(report.mismatched for report in self.parts.values())
 
     def summary(self) -> str:
-        lines = [f"{'part':<12}{'matched':>9}{'missing':>9}{'unexpected':>12}{'shape errors':>14}"]
+        lines = [f"{'part':<12}{'matched':>9}{'missing':>9}{'unexpected':>12}{'shape errors':>14}{'ignored':>9}"]
         for name, report in self.parts.items():
             lines.append(f"{name:<12}{len(report.matched):>9}{len(report.missing):>9}{len(report.unexpected):>12}"
-                         f"{len(report.mismatched):>14}")
+                         f"{len(report.mismatched):>14}{len(report.ignored):>9}")
         if self.ema:
             lines.append(f"EMA weights of the UNet: {len(self.ema)} tensors")
         if self.other:
@@ -107,9 +114,25 @@ def _route(key: str) -> tuple[str, str] | None:
         return "vae", "scale_factor"
     if key.startswith("generator."):
         return "vocoder", key[len("generator."):]
-    if key.startswith("cond_stage_model."):
-        return "conditioner", key[len("cond_stage_model."):]
+    for prefix in CONDITIONER_PREFIXES:
+        if key.startswith(prefix):
+            return "conditioner", key[len(prefix):]
     return None
+
+
+CONDITIONER_PREFIXES = ("cond_stage_model.", "cond_stage_models.0.")
+"""Released files and our exports; the training repo's ModuleList (DDPM:1035, 1146)."""
+
+
+def convert_laion_conditioner(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A laion_clap CLAP under the conditioner prefixes → `cond_stage_model.model.<ClapModel key>`;
+    returns the new state dict and the ignored original keys (unchanged when not in laion layout)."""
+    laion = {key: value for key, value in state.items() if key.startswith(CONDITIONER_PREFIXES)}
+    if not is_laion_layout(laion):
+        return state, []
+    converted, ignored = convert_laion_state_dict(laion)
+    rest = {key: value for key, value in state.items() if key not in laion}
+    return rest | {f"cond_stage_model.model.{key}": value for key, value in converted.items()}, ignored
 
 
 def weight_norm_form(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +162,8 @@ def map_state_dict(state: dict[str, torch.Tensor], modules: dict[str, nn.Module]
     report = LoadReport()
     per_part: dict[str, dict[str, torch.Tensor]] = {part: {} for part in PARTS}
     expected = {part: module.state_dict() for part, module in modules.items()}
+    if "conditioner" in expected and any(key.startswith("model.text_model.") for key in expected["conditioner"]):
+        state, report.parts["conditioner"].ignored = convert_laion_conditioner(state)
     state = _normalise_vocoder(state, expected.get("vocoder"))
     ema_names = {name.replace(".", ""): name for name in expected.get("unet", {})}
     for key, tensor in state.items():
@@ -203,3 +228,19 @@ def load_pretrained(model: nn.Module, source: str | Path | dict[str, torch.Tenso
     for line in report.summary().splitlines():
         log.warning(line) if line.startswith(("missing", "unexpected")) else log.info(line)
     return report
+
+
+def load_conditioner_unless_supplied(model: nn.Module, report: LoadReport | None, *,
+                                     checkpoint: str | Path | None) -> None:
+    """After `load_pretrained`: the checkpoint's conditioner if it filled every tensor (then
+    `conditioner.pretrained` is not read), else `conditioner.load_weights()` from `pretrained`.
+
+    A checkpoint that fills only part of the conditioner is a `CheckpointError` naming the missing keys."""
+    part = report.parts["conditioner"] if report is not None else PartReport()
+    if part.matched and not part.missing:
+        log.info("conditioner: %d tensors from %s; conditioner.pretrained is not read", len(part.matched), checkpoint)
+        return
+    if part.matched:
+        raise CheckpointError(f"{checkpoint}: has {len(part.matched)} conditioner tensors but lacks "
+                              f"{len(part.missing)}, e.g. {', '.join(part.missing[:3])}")
+    model.conditioner.load_weights()

@@ -116,7 +116,8 @@ def test_ddim_with_guidance_gives_finite_audio_of_the_right_length(tiny: AudioLD
 @pytest.mark.slow
 def test_tiny_model_overfits_one_batch() -> None:
     torch.manual_seed(0)
-    config = load_config(ROOT / "configs" / "tiny.yaml", ["conditioner.ucg_rate=0"])
+    config = load_config(ROOT / "configs" / "tiny.yaml", ["conditioner.ucg_rate=0", "conditioner.ucg_sample_rate=0",
+                                                             "conditioner.embed_mode=text"])
     model = AudioLDM(config, captions=CAPTIONS)
     model.train()
     batch = {"log_mel_spec": torch.randn(2, config.audio.num_frames, 64) * 2 - 4, "text": CAPTIONS[:2]}
@@ -228,7 +229,10 @@ def test_original_yaml_maps_onto_our_config() -> None:
     assert isinstance(config, Config)
     assert config.unet == UNetConfig()  # audioldm_original.yaml is AudioLDM-S
     assert config.audio.duration == 10.24 and config.data.train == ["audiocaps"]
-    assert config.conditioner.kind == "clap" and config.conditioner.embed_mode == "audio"
+    # The YAML's embed_mode is overridden at every training step by the text/audio switch: mixed.
+    assert config.conditioner.kind == "clap" and config.conditioner.embed_mode == "mixed"
+    assert config.conditioner.pretrained == "data/checkpoints/clap_htsat_tiny.pt"
+    assert config.conditioner.amodel == "HTSAT-tiny" and config.conditioner.max_length == 512
     assert config.diffusion.ddim_steps == 200 and config.diffusion.guidance_scale == 3.5
     train = config.train  # the original's schedule (step.*, base_learning_rate, warmup_steps, batchsize)
     assert (train.learning_rate, train.warmup_steps, train.max_steps, train.micro_batch_size, train.save_every,

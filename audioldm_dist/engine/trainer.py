@@ -115,10 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopSignal, guard: JobGuard) -> int:
+def build_model_with_weights(config: Config, *, captions: list[str] | None, reload_from_ckpt: str | None,
+                             resuming: bool):
+    """AudioLDM with --reload_from_ckpt's weights; the conditioner from `conditioner.pretrained` only if that
+    checkpoint did not supply it. `resuming`: the first step is no longer the original's dry run."""
     from audioldm_dist.ldm import AudioLDM
-    from audioldm_dist.pretrained import load_pretrained
+    from audioldm_dist.pretrained import load_conditioner_unless_supplied, load_pretrained
 
+    model = AudioLDM(config, captions=captions, load_conditioner_weights=False)
+    report = load_pretrained(model, reload_from_ckpt) if reload_from_ckpt else None
+    load_conditioner_unless_supplied(model, report, checkpoint=reload_from_ckpt)
+    model.conditional_dry_run_finished = resuming
+    return model
+
+
+def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopSignal, guard: JobGuard) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")  # TF32 matmuls where the GPU has them, as the original (TLD:47-50)
@@ -141,9 +152,8 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
 
         exported = read_export_metadata(args.reload_from_ckpt).get("captions") if args.reload_from_ckpt else None
         captions = exported or captions_for_tokenizer(shards)
-    model = AudioLDM(config, captions=captions).to(device)
-    if args.reload_from_ckpt:
-        load_pretrained(model, args.reload_from_ckpt)
+    model = build_model_with_weights(config, captions=captions, reload_from_ckpt=args.reload_from_ckpt,
+                                     resuming=point is not None).to(device)
     model.unet.select_attention_backend(device=device, dtype=dtype)
     trained = getattr(model, TRAINED_PART[config.train.target])  # the UNet, or the VAE with train.target=vae
     trained.requires_grad_(True)

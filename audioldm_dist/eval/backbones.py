@@ -74,7 +74,7 @@ class ClapScorer:
     def __init__(self, *, checkpoint: str | None, captions: list[str], device: torch.device, seed: int) -> None:
         """`checkpoint` None: a small random CLAP whose word tokenizer is fitted on `captions` (tests)."""
         from audioldm_dist.config import ConditionerConfig
-        from audioldm_dist.models.conditioners import ClapConditioner
+        from audioldm_dist.models.conditioners import build_conditioner
 
         if checkpoint is not None and not Path(checkpoint).is_dir():
             raise ValueError(f"--clap-ckpt {checkpoint}: no such folder (a transformers CLAP model saved with "
@@ -82,7 +82,7 @@ class ClapScorer:
         config = ConditionerConfig(kind="clap", pretrained=checkpoint or "", random_init=checkpoint is None,
                                    tiny={"seed": seed}, ucg_rate=0.0)
         try:
-            self.conditioner = ClapConditioner(config, captions=captions).to(device)
+            self.conditioner = build_conditioner(config, captions=captions).to(device)
         except (OSError, ValueError) as error:  # transformers: missing config, weights or tokenizer files
             raise ValueError(f"--clap-ckpt {checkpoint}: cannot load a CLAP model from it ({error})") from None
         self.device = device

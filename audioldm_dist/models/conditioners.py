@@ -1,24 +1,31 @@
 """Frozen text/audio encoders that condition the UNet, through transformers.
 
-- `ClapConditioner`: transformers' `ClapModel` (the architecture and released weights of LAION CLAP):
-  a 512-d, L2-normalised text or audio embedding that enters the UNet through FiLM.
+- `ClapConditioner`: the original AudioLDM's CLAP (laion_clap HTSAT + RoBERTa) as transformers'
+  `ClapModel` (see `models/clap.py`): a 512-d, L2-normalised text or audio embedding that enters the UNet
+  through FiLM. Its weights come from a hub name / save_pretrained folder, a laion_clap .pt (converted),
+  or the LDM checkpoint itself.
 - `T5Conditioner`: a FLAN-T5 encoder whose token states (and padding mask) feed cross-attention.
-Both are frozen (no grad, never given to the optimizer). `random_init` builds them from the small
-`tiny` config values with random weights and a word-level tokenizer fitted on given captions, so
-tests and the demo run offline; real runs load `pretrained` with `from_pretrained`.
+Both are frozen (no grad, never given to the optimizer). Building one needs neither weights nor a
+tokenizer (the tokenizer loads on the first encode), so `build_conditioner(..., load_weights=False)` +
+`load_weights()` lets callers fill it from a checkpoint first and read `pretrained` only if needed.
+`random_init` builds them from small `tiny` config values with a word-level tokenizer fitted on given
+captions, so tests and the demo run offline.
 
-Classifier-free guidance: the unconditional embedding is the encoder's output for the empty caption,
-as in AudioLDM; `drop_for_guidance` replaces whole batches with it at `ucg_rate`.
+Classifier-free guidance, as the original: the unconditional embedding is the encoder's output for the
+empty caption (CLAP: its TEXT embedding, also in audio mode); `drop_for_guidance` replaces whole batches
+(`ucg_rate`), `drop_samples` single samples (CLAP's `ucg_sample_rate`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from audioldm_dist.config import ConditionerConfig
+from audioldm_dist.models.clap import ClapAudioFrontEnd, convert_laion_state_dict, is_laion_layout, laion_clap_config
+from audioldm_dist.models.hub import from_pretrained
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -67,18 +74,78 @@ def build_word_tokenizer(captions: list[str], *, max_length: int):
                                    bos_token="<s>", eos_token="</s>", model_max_length=max_length)
 
 
+def build_word_tokenizer(captions: list[str], *, max_length: int):
+    """A small word-level tokenizer over `captions` (offline stand-in for RoBERTa / T5 tokenizers)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator([caption.lower() for caption in captions],
+                                  trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    # Every text, the empty caption included, becomes at least "<s> </s>", as RoBERTa's tokenizer does.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[(token, tokenizer.token_to_id(token)) for token in ("<s>", "</s>")])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>", model_max_length=max_length)
+
+
+def is_transformers_source(pretrained: str) -> bool:
+    """True for a hub name or save_pretrained folder; False for "" and for a .pt/.ckpt file."""
+    return bool(pretrained) and not Path(pretrained).is_file() and not pretrained.endswith((".pt", ".ckpt"))
+
+
 class _FrozenEncoder(nn.Module):
-    def __init__(self, config: ConditionerConfig) -> None:
+    default_tokenizer = ""
+    """Tokenizer when neither `tokenizer` nor a transformers `pretrained` names one."""
+
+    def __init__(self, config: ConditionerConfig, *, captions: list[str] | None) -> None:
         super().__init__()
         self.config = config
         self._unconditional: Condition | None = None
+        self._tokenizer = build_word_tokenizer(captions or [""], max_length=config.max_length) \
+            if config.random_init else None
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module.forget_unconditional())
 
-    def _start_random_init(self, captions: list[str] | None) -> dict:
-        """Fits the word tokenizer, seeds the random weights; returns the remaining `tiny` overrides."""
+    def _random_init_overrides(self) -> dict:
+        """Seeds the random weights; returns the remaining `tiny` overrides."""
         tiny = dict(self.config.tiny)
-        self.tokenizer = build_word_tokenizer(captions or [""], max_length=self.config.max_length)
         torch.manual_seed(tiny.pop("seed", 0))
         return tiny
+
+    @property
+    def tokenizer(self):
+        """Loaded on first use, so that building the model needs no tokenizer files."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            name, setting = self.tokenizer_source()
+            self._tokenizer = from_pretrained(AutoTokenizer, name, setting=setting)
+        return self._tokenizer
+
+    def tokenizer_source(self) -> tuple[str, str]:
+        """(name, the config key that chose it)."""
+        if self.config.tokenizer:
+            return self.config.tokenizer, "conditioner.tokenizer"
+        if is_transformers_source(self.config.pretrained):
+            return self.config.pretrained, "conditioner.pretrained"
+        return self.default_tokenizer, "conditioner.tokenizer"
+
+    def load_weights(self) -> None:
+        """Loads `pretrained` (call it only when no checkpoint supplied the conditioner's weights)."""
+        if self.config.random_init:
+            return
+        if not self.config.pretrained:
+            raise ValueError("conditioner.pretrained is empty and no checkpoint supplied the conditioner's weights: "
+                             "pass an AudioLDM checkpoint that contains cond_stage_model.* (--reload_from_ckpt / "
+                             "--ckpt), or set conditioner.pretrained to a laion_clap .pt, a save_pretrained folder "
+                             "or a hub name")
+        self._load_pretrained(self.config.pretrained)
+        self.forget_unconditional()
+        self.freeze()
+
+    def _load_pretrained(self, pretrained: str) -> None:
+        raise NotImplementedError
 
     def freeze(self) -> None:
         self.eval()
@@ -88,25 +155,48 @@ class _FrozenEncoder(nn.Module):
     def train(self, mode: bool = True) -> "_FrozenEncoder":
         return super().train(False)  # frozen: dropout stays off whatever the trainer asks
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def _tokenize(self, texts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer([text.lower() if self.config.random_init else text for text in texts],
                                 padding="max_length", truncation=True,  # equal lengths: guidance swaps rows
                                 max_length=self.config.max_length, return_tensors="pt")
         return {key: value.to(device) for key, value in tokens.items() if key in ("input_ids", "attention_mask")}
 
+    def forget_unconditional(self) -> None:
+        self._unconditional = None
+
     def unconditional(self, device: torch.device) -> Condition:
+        """The encoding of the empty caption (B=1), cached per device."""
         if self._unconditional is None or _device_of(self._unconditional) != device:
             self._unconditional = self.encode_text([""], device=device)
         return self._unconditional
 
+    @property
+    def sample_dropout_rate(self) -> float:
+        return 0.0
+
+    def batch_dropped(self, *, generator: torch.Generator | None = None) -> bool:
+        """One uniform draw < ucg_rate: the whole batch becomes unconditional (ddpm.py:1136-1140, 1211-1215)."""
+        return float(torch.rand(1, generator=generator, device=_generator_device(generator))) < self.config.ucg_rate
+
     def drop_for_guidance(self, condition: Condition, *, batch_size: int, device: torch.device,
                           generator: torch.Generator | None = None) -> Condition:
         """With probability `ucg_rate`, the whole batch becomes unconditional (AudioLDM's rule)."""
-        if self.config.ucg_rate <= 0:
+        if not self.batch_dropped(generator=generator):
             return condition
-        drop = torch.rand((), generator=generator).item() < self.config.ucg_rate
-        keep = torch.full((batch_size,), not drop, dtype=torch.bool, device=device)
-        return condition.select(keep, self.unconditional(device).repeat(batch_size))
+        return self.unconditional(device).repeat(batch_size)
+
+    def drop_samples(self, condition: Condition, *, generator: torch.Generator | None = None) -> Condition:
+        """Each sample becomes unconditional with probability `sample_dropout_rate` (CLAP: CM:1321-1324)."""
+        rate = self.sample_dropout_rate
+        if rate <= 0:
+            return condition
+        reference = condition.film if condition.film is not None else condition.contexts[0]
+        drop = torch.rand(reference.shape[0], generator=generator, device=_generator_device(generator)) < rate
+        return condition.select(~drop.to(reference.device), self.unconditional(reference.device))
 
     def encode_text(self, texts: list[str], *, device: torch.device) -> Condition:
         raise NotImplementedError
@@ -117,76 +207,132 @@ def _device_of(condition: Condition) -> torch.device:
     return tensor.device
 
 
+def _generator_device(generator: torch.Generator | None) -> torch.device | None:
+    return None if generator is None else generator.device
+
+
 class ClapConditioner(_FrozenEncoder):
-    """CLAP text (or audio) embedding → FiLM."""
+    """CLAP text or audio embedding (B, 512), L2-normalised → FiLM."""
+
+    default_tokenizer = "roberta-base"  # original: CM RobertaTokenizer.from_pretrained("roberta-base")
 
     def __init__(self, config: ConditionerConfig, *, captions: list[str] | None = None) -> None:
-        super().__init__(config)
-        from transformers import ClapConfig, ClapModel
+        super().__init__(config, captions=captions)
+        from transformers import ClapModel
 
-        if config.random_init:
-            tiny = self._start_random_init(captions)
-            text = dict(vocab_size=len(self.tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=config.max_length + 4,
-                        pad_token_id=self.tokenizer.pad_token_id, **tiny.pop("text", {}))
-            audio = dict(hidden_size=32, patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[1, 2],
-                         window_size=4, spec_size=64, num_mel_bins=64, enable_fusion=False, **tiny.pop("audio", {}))
-            projection_dim = tiny.pop("projection_dim", 512)
-            self.model = ClapModel(ClapConfig(text_config=text | {"projection_dim": projection_dim},
-                                              audio_config=audio | {"projection_dim": projection_dim},
-                                              projection_dim=projection_dim, **tiny))
-        else:
-            from transformers import AutoTokenizer
-
-            self.model = ClapModel.from_pretrained(config.pretrained)
-            self.tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
+        self.model = ClapModel(self._random_init_config() if config.random_init else self._architecture())
+        self.front_end = ClapAudioFrontEnd()
         self.embedding_dim = self.model.config.projection_dim
         self.freeze()
 
-    @staticmethod
-    def _pooled(output) -> torch.Tensor:
-        # transformers ≥ 5 returns a model output whose pooler_output is the projected embedding.
-        embedding = output if isinstance(output, torch.Tensor) else output.pooler_output
-        return nn.functional.normalize(embedding, dim=-1)
+    def _architecture(self):
+        """The ClapConfig, without weights: from a transformers `pretrained`, else the original's `amodel`."""
+        from transformers import ClapConfig
+
+        if is_transformers_source(self.config.pretrained):
+            return from_pretrained(ClapConfig, self.config.pretrained, setting="conditioner.pretrained")
+        return laion_clap_config(amodel=self.config.amodel)
+
+    def _random_init_config(self):
+        from transformers import ClapConfig
+
+        tiny = self._random_init_overrides()
+        text = dict(vocab_size=len(self.tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=self.config.max_length + 4,
+                    pad_token_id=self.tokenizer.pad_token_id, **tiny.pop("text", {}))
+        # spec_size 256 with 64 mels: the original front end's input size, on a tiny Swin.
+        audio = dict(hidden_size=32, patch_embeds_hidden_size=16, depths=[1, 1], num_attention_heads=[1, 2],
+                     window_size=8, spec_size=256, num_mel_bins=64, enable_fusion=False, **tiny.pop("audio", {}))
+        projection_dim = tiny.pop("projection_dim", 512)
+        return ClapConfig(text_config=text | {"projection_dim": projection_dim},
+                          audio_config=audio | {"projection_dim": projection_dim}, projection_dim=projection_dim, **tiny)
+
+    def _load_pretrained(self, pretrained: str) -> None:
+        if is_transformers_source(pretrained):
+            from transformers import ClapModel
+
+            loaded = from_pretrained(ClapModel, pretrained, setting="conditioner.pretrained")
+            self.model.load_state_dict(loaded.state_dict())
+            return
+        self.load_laion_state_dict(read_laion_file(pretrained), source=f"conditioner.pretrained={pretrained}")
+
+    def load_laion_state_dict(self, state: dict[str, torch.Tensor], *, source: str) -> list[str]:
+        """Converts laion_clap names and loads strictly; returns the dropped (unused) original keys."""
+        converted, dropped = convert_laion_state_dict(state)
+        try:
+            self.model.load_state_dict(converted, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"{source}: not a laion_clap CLAP with conditioner.amodel={self.config.amodel} "
+                             f"({str(error).splitlines()[1] if len(str(error).splitlines()) > 1 else error})") from None
+        return dropped
+
+    @property
+    def sample_dropout_rate(self) -> float:
+        return self.config.ucg_sample_rate
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], *, device: torch.device) -> Condition:
-        return Condition(film=self._pooled(self.model.get_text_features(**self._tokenize(texts, device))))
+        """RoBERTa pooler → text_projection → L2 norm (original: CM:1328-1336, padding to max_length)."""
+        output = self.model.get_text_features(**self._tokenize(texts, device))
+        return Condition(film=_normalized(output))
 
     @torch.no_grad()
     def encode_audio(self, waveform: torch.Tensor, *, sample_rate: int) -> Condition:
-        """(B, 1, T) waveform → CLAP audio embedding (AudioLDM's `embed_mode: audio`)."""
-        import torchaudio
-        from transformers import ClapFeatureExtractor
+        """(B, 1, T) waveform at `sample_rate` → CLAP audio embedding on the waveform's device."""
+        device = self.device
+        features = self.front_end(waveform.to(device), sample_rate=sample_rate)  # (B, 1, frames, 64)
+        output = self.model.get_audio_features(input_features=features.to(next(self.model.parameters()).dtype))
+        return Condition(film=_normalized(output).to(waveform.device))
 
-        audio_config = self.model.config.audio_config
-        frames = audio_config.spec_size * (audio_config.spec_size // audio_config.num_mel_bins)
-        extractor = ClapFeatureExtractor(feature_size=audio_config.num_mel_bins, sampling_rate=48000, hop_length=480,
-                                         nb_max_samples=frames * 480, truncation="rand_trunc", padding="repeatpad")
-        audio_48k = torchaudio.functional.resample(waveform.float().cpu()[:, 0], sample_rate, 48000)
-        features = extractor(list(np.asarray(audio_48k)), sampling_rate=48000, return_tensors="pt")
-        embedding = self.model.get_audio_features(input_features=features["input_features"][:, :, :frames].to(waveform.device))
-        return Condition(film=self._pooled(embedding))
+
+def _normalized(output) -> torch.Tensor:
+    # transformers ≥ 5 returns a model output whose pooler_output is the projected embedding.
+    embedding = output if isinstance(output, torch.Tensor) else output.pooler_output
+    return nn.functional.normalize(embedding, dim=-1)
+
+
+def read_laion_file(path: str) -> dict[str, torch.Tensor]:
+    """A laion_clap checkpoint (.pt: `state_dict` with `module.` names, or a raw state dict)."""
+    if not Path(path).is_file():
+        raise ValueError(f"conditioner.pretrained={path!r}: no such file (expected a laion_clap .pt such as "
+                         f"clap_htsat_tiny.pt)")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"conditioner.pretrained={path!r}: not a readable torch checkpoint "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    state = raw.get("state_dict", raw) if isinstance(raw, dict) else raw
+    if not isinstance(state, dict) or not is_laion_layout(state):
+        raise ValueError(f"conditioner.pretrained={path!r}: expected a laion_clap state dict "
+                         f"(text_branch.* / audio_branch.* keys)")
+    return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
 
 
 class T5Conditioner(_FrozenEncoder):
     """FLAN-T5 encoder token states → cross-attention context (with its padding mask)."""
 
     def __init__(self, config: ConditionerConfig, *, captions: list[str] | None = None) -> None:
-        super().__init__(config)
+        super().__init__(config, captions=captions)
         from transformers import T5Config, T5EncoderModel
 
         if config.random_init:
-            tiny = self._start_random_init(captions)
-            self.model = T5EncoderModel(T5Config(**(dict(vocab_size=len(self.tokenizer), d_model=64, d_kv=16, d_ff=128,
-                                                         num_layers=1, num_heads=4) | tiny)))
+            tiny = self._random_init_overrides()
+            architecture = T5Config(**(dict(vocab_size=len(self.tokenizer), d_model=64, d_kv=16, d_ff=128,
+                                            num_layers=1, num_heads=4) | tiny))
+        elif is_transformers_source(config.pretrained):
+            architecture = from_pretrained(T5Config, config.pretrained, setting="conditioner.pretrained")
         else:
-            from transformers import AutoTokenizer
-
-            self.model = T5EncoderModel.from_pretrained(config.pretrained)
-            self.tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
+            raise ValueError(f"conditioner.pretrained={config.pretrained!r}: kind=t5 needs a hub name or "
+                             f"save_pretrained folder (its architecture and tokenizer)")
+        self.model = T5EncoderModel(architecture)
         self.embedding_dim = self.model.config.d_model
         self.freeze()
+
+    def _load_pretrained(self, pretrained: str) -> None:
+        from transformers import T5EncoderModel
+
+        loaded = from_pretrained(T5EncoderModel, pretrained, setting="conditioner.pretrained")
+        self.model.load_state_dict(loaded.state_dict())
 
     @torch.no_grad()
     def encode_text(self, texts: list[str], *, device: torch.device) -> Condition:
@@ -195,33 +341,14 @@ class T5Conditioner(_FrozenEncoder):
         return Condition(contexts=[states], masks=[tokens["attention_mask"].bool()])
 
 
-class LaionClapConditioner(_FrozenEncoder):
-    """A laion_clap checkpoint (`pretrained` = its .pt path) through the `laion_clap` package (extra).
+def build_conditioner(config: ConditionerConfig, *, captions: list[str] | None = None,
+                      load_weights: bool = True) -> _FrozenEncoder:
+    """The configured encoder; `captions` fit the word tokenizer of a random_init model.
 
-    Not the default: laion_clap pins numpy<2 and downloads roberta-base when it is built, so it cannot
-    be installed or tested on machines without network; kind=clap loads the same weights through
-    transformers.
-    """
-
-    def __init__(self, config: ConditionerConfig, *, captions: list[str] | None = None) -> None:
-        super().__init__(config)
-        try:
-            import laion_clap
-        except ImportError:
-            raise ValueError("conditioner.kind=laion needs the optional extra: pip install audioldm-dist[laion]; "
-                             "or use kind=clap (transformers' ClapModel, the same weights)") from None
-        self.model = laion_clap.CLAP_Module(enable_fusion=False, amodel=config.tiny.get("amodel", "HTSAT-base"))
-        self.model.load_ckpt(config.pretrained)
-        self.embedding_dim = 512
-        self.freeze()
-
-    @torch.no_grad()
-    def encode_text(self, texts: list[str], *, device: torch.device) -> Condition:
-        embedding = self.model.get_text_embedding(texts, use_tensor=True).to(device)
-        return Condition(film=nn.functional.normalize(embedding, dim=-1))
-
-
-def build_conditioner(config: ConditionerConfig, *, captions: list[str] | None = None) -> _FrozenEncoder:
-    """The configured encoder; `captions` fit the word tokenizer of a random_init model."""
-    kinds = {"clap": ClapConditioner, "t5": T5Conditioner, "laion": LaionClapConditioner}
-    return kinds[config.kind](config, captions=captions)
+    `load_weights=False` builds the architecture only (no weights, no tokenizer, no network for .pt or
+    empty `pretrained`); call `load_weights()` afterwards if no checkpoint supplied them."""
+    kinds = {"clap": ClapConditioner, "t5": T5Conditioner}
+    conditioner = kinds[config.kind](config, captions=captions)
+    if load_weights:
+        conditioner.load_weights()
+    return conditioner
