@@ -114,23 +114,35 @@ def discriminator_loss(discriminator: Callable, mel: torch.Tensor, reconstructio
                   "logits_fake": logits_fake.detach().float().mean()}
 
 
-def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, *, last_layer: torch.Tensor,
-                    disc_weight: float) -> torch.Tensor:
-    """CP:41-56: balances the adversarial gradient against the reconstruction's at the decoder's last layer."""
-    nll_grads = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    d_weight = torch.norm(nll_grads.float()) / (torch.norm(g_grads.float()) + 1e-4)
-    return torch.clamp(d_weight, 0.0, 1e4).detach() * disc_weight
-
-
-def generator_loss(terms: ReconstructionTerms, logits_fake: torch.Tensor, *, last_layer: torch.Tensor,
-                   kl_weight: float, disc_weight: float, factor: float
+def generator_loss(mel: torch.Tensor, reconstruction: torch.Tensor, posterior: DiagonalGaussian, *,
+                   discriminator: Callable, lpips: nn.Module, last_layer: nn.Conv2d, last_layer_input: torch.Tensor,
+                   perceptual_weight: float, kl_weight: float, disc_weight: float, factor: float
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """CP:95-131; `logits_fake` = D(x̂) with gradients to x̂ only. d_weight is computed even before
-    disc_start, as the original does (its `disc_factor` config is 1.0 > 0), so it is logged throughout."""
-    g_loss = -torch.mean(logits_fake.float())
-    d_weight = adaptive_weight(terms.nll, g_loss, last_layer=last_layer, disc_weight=disc_weight)
-    loss = terms.nll + kl_weight * terms.kl + d_weight * factor * g_loss
-    return loss, {"loss": loss.detach(), "rec_loss": terms.rec_loss.detach(), "p_loss": terms.p_loss.mean().detach(),
-                  "nll_loss": terms.nll.detach(), "kl_loss": terms.kl.detach(), "g_loss": g_loss.detach(),
-                  "d_weight": d_weight, "disc_factor": torch.tensor(factor, device=loss.device)}
+    """CP:95-131. Returns a surrogate whose gradient w.r.t. the VAE is the generator loss's, and the terms.
+
+    DeepSpeed hooks the engine's outputs: any backward through them (the original's
+    `autograd.grad(nll, last_layer)`) runs its gradient reduction. So LPIPS and D see a detached copy
+    x̂' of the reconstruction; ∇_x̂' of nll and g_loss give ∇_L by the conv's weight gradient from the
+    last layer's input (`last_layer_input`, captured in the forward), and the VAE's backward is that of
+    Σ x̂·∇_x̂'(nll + d_weight·factor·g_loss) + kl_weight·kl: the same gradient in one engine backward.
+    d_weight is computed even before disc_start, as the original does (its `disc_factor` config is 1.0)."""
+    leaf = reconstruction.detach().float().requires_grad_(True)  # x̂' (B, 1, T, F)
+    terms = reconstruction_terms(mel, leaf, posterior, lpips=lpips, perceptual_weight=perceptual_weight)
+    g_loss = -torch.mean(discriminator(leaf).float())
+    nll_grad = torch.autograd.grad(terms.nll, leaf)[0]
+    g_grad = torch.autograd.grad(g_loss, leaf)[0]
+
+    def last_layer_grad(grad_output: torch.Tensor) -> torch.Tensor:
+        return torch.nn.grad.conv2d_weight(last_layer_input, last_layer.weight.shape,
+                                           grad_output.to(last_layer_input.dtype), stride=last_layer.stride,
+                                           padding=last_layer.padding, dilation=last_layer.dilation)
+
+    d_weight = torch.norm(last_layer_grad(nll_grad).float()) / (torch.norm(last_layer_grad(g_grad).float()) + 1e-4)
+    d_weight = torch.clamp(d_weight, 0.0, 1e4).detach() * disc_weight  # CP:41-56
+    loss = terms.nll + kl_weight * terms.kl + d_weight * factor * g_loss  # CP:117-119 (the value)
+    leaf_grad = nll_grad + d_weight * factor * g_grad
+    surrogate = (reconstruction.float() * leaf_grad).sum() + kl_weight * terms.kl
+    return surrogate, {"loss": loss.detach(), "rec_loss": terms.rec_loss.detach(),
+                       "p_loss": terms.p_loss.mean().detach(), "nll_loss": terms.nll.detach(),
+                       "kl_loss": terms.kl.detach(), "g_loss": g_loss.detach(), "d_weight": d_weight,
+                       "disc_factor": torch.tensor(factor, device=loss.device)}

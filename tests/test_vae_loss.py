@@ -20,7 +20,7 @@ from audioldm_dist.config import VAEConfig
 from audioldm_dist.models.discriminator import NLayerDiscriminator
 from audioldm_dist.models.lpips import LPIPS, load_lpips, random_lpips
 from audioldm_dist.models.vae import AutoencoderKL
-from audioldm_dist.objectives import (discriminator_loss, disc_factor, generator_loss, reconstruction_terms)
+from audioldm_dist.objectives import discriminator_loss, disc_factor, generator_loss
 
 KL_WEIGHT, DISC_WEIGHT, DISC_START = 1000.0, 0.5, 5
 
@@ -97,6 +97,8 @@ def _models(taming):
 @pytest.mark.parametrize("step", [DISC_START - 1, DISC_START])
 def test_vae_loss_terms_equal_the_original_before_and_after_disc_start(taming, step: int) -> None:
     vae, ours_lpips, ours_disc, theirs_lpips, theirs_disc = _models(taming)
+    captured = {}
+    vae.decoder.conv_out.register_forward_hook(lambda module, inputs, output: captured.update(x=inputs[0].detach()))
     mel = torch.randn(2, 1, 32, 64, generator=torch.Generator().manual_seed(1))
     reconstruction, posterior = vae(mel, generator=torch.Generator().manual_seed(2))
     last_layer = vae.decoder.conv_out.weight
@@ -108,26 +110,29 @@ def test_vae_loss_terms_equal_the_original_before_and_after_disc_start(taming, s
                                     reconstructions=reconstruction, posteriors=posterior, optimizer_idx=1,
                                     global_step=step, last_layer=last_layer)
     hinge = taming.hinge_d_loss(theirs_disc(mel), theirs_disc(reconstruction.detach()))
-    assert hinge > 0  # so the factor 0/1 comparison below is not vacuous
+    assert hinge > 0  # so the factor 0/1 comparison is not vacuous
     torch.testing.assert_close(d_loss, ref_d_loss, rtol=0, atol=1e-5)
 
     torch.manual_seed(7)  # the same LPIPS dropout masks for both
-    terms = reconstruction_terms(mel, reconstruction, posterior, lpips=ours_lpips, perceptual_weight=1.0)
-    loss, g_terms = generator_loss(terms, ours_disc(reconstruction), last_layer=last_layer, kl_weight=KL_WEIGHT,
-                                   disc_weight=DISC_WEIGHT, factor=factor)
+    surrogate, g_terms = generator_loss(mel, reconstruction, posterior, discriminator=ours_disc, lpips=ours_lpips,
+                                        last_layer=vae.decoder.conv_out, last_layer_input=captured["x"],
+                                        perceptual_weight=1.0, kl_weight=KL_WEIGHT, disc_weight=DISC_WEIGHT,
+                                        factor=factor)
     torch.manual_seed(7)
     ref_loss, ref_terms = _reference_loss(taming, lpips=theirs_lpips, discriminator=theirs_disc, inputs=mel,
                                           reconstructions=reconstruction, posteriors=posterior, optimizer_idx=0,
                                           global_step=step, last_layer=last_layer)
     for name, expected in ref_terms.items():
-        got = g_terms[name]
-        torch.testing.assert_close(got.float(), expected.float(), rtol=1e-6, atol=1e-5, msg=name)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(g_terms[name].float(), expected.float(), rtol=1e-5, atol=1e-5, msg=name)
+    torch.testing.assert_close(g_terms["loss"], ref_loss.detach(), rtol=1e-6, atol=1e-5)
     assert float(g_terms["d_weight"]) > 0 and float(g_terms["p_loss"]) != 0
-    # the gradients the VAE receives agree too
-    ours_grad = torch.autograd.grad(loss, last_layer, retain_graph=True)[0]
-    ref_grad = torch.autograd.grad(ref_loss, last_layer)[0]
-    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-4, atol=1e-5)
+    # the surrogate the engine backpropagates gives the VAE the original loss's gradients
+    params = [p for p in vae.parameters()]
+    ours_grads = torch.autograd.grad(surrogate, params, retain_graph=True, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref_loss, params, allow_unused=True)
+    scale = max(float(ref.abs().max()) for ref in ref_grads)  # biases before a GroupNorm: 0 up to rounding
+    for ours, ref in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_lpips_dropout_is_active_in_train_mode_only() -> None:

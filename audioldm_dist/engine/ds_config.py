@@ -42,10 +42,11 @@ def load_ds_config(path: str | Path, train: TrainConfig, *, world_size: int) -> 
         params.setdefault("warmup_min_ratio", 0.0)
     else:
         _check_or_fill(params, "warmup_max_lr", train.learning_rate, path=path, ours="train.learning_rate")
-        # No warm-up: a constant lr (DeepSpeed's WarmupLR warms up over at least 2 steps, from 0)
-        params.setdefault("warmup_min_lr", train.learning_rate if train.warmup_steps == 0 else 0.0)
+        params.setdefault("warmup_min_lr", 0.0)
     if scheduler["type"] in ("WarmupDecayLR", "WarmupCosineLR"):
         _check_or_fill(params, "total_num_steps", train.max_steps, path=path, ours="train.max_steps")
+    if scheduler["type"] == "WarmupLR" and params["warmup_num_steps"] == 0:
+        del ds["scheduler"]  # no warm-up: the optimizer's constant lr (DeepSpeed's WarmupLR rejects 0 steps)
     ds.setdefault("steps_per_print", 10**9)  # our logger prints; keep DeepSpeed's quiet
     return ds
 

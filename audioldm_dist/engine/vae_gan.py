@@ -12,7 +12,8 @@ loss on detached x, x̂ → its backward/step → LPIPS (dropout on) and the gen
 with the discriminator's parameters detached (`torch.func.functional_call`), so the generator's
 backward never writes gradients into the discriminator engine (the original leaves them there and
 clears them with `zero_grad`; DeepSpeed's ZeRO hooks would accumulate them into the next step) → VAE
-backward/step. The loss arithmetic is in `objectives.py`; this module only drives the engines.
+backward/step. The adaptive weight's last-layer gradients are taken without a backward through the
+engine's outputs (DeepSpeed would run its gradient reduction for it): see `objectives.generator_loss`. The loss arithmetic is in `objectives.py`; this module only drives the engines.
 
 `vae.disc_start` counts our steps (optimizer steps of the VAE engine; batches without accumulation).
 Checkpoints: the discriminator engine saves into `global_stepN/discriminator/` inside the VAE's tag,
@@ -31,7 +32,7 @@ import torch.distributed as dist
 
 from audioldm_dist.config import Config
 from audioldm_dist.models.discriminator import NLayerDiscriminator
-from audioldm_dist.objectives import discriminator_loss, disc_factor, generator_loss, reconstruction_terms
+from audioldm_dist.objectives import discriminator_loss, disc_factor, generator_loss
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class VAEGAN:
         self.lpips = lpips
         self.config = config.vae
         self._dtype = next(disc_engine.module.parameters()).dtype
+        self._last_layer_input: dict[str, torch.Tensor] = {}
+        vae_engine.module.decoder.conv_out.register_forward_hook(
+            lambda module, inputs, output: self._last_layer_input.update(x=inputs[0].detach()))
 
     def _discriminate(self, x: torch.Tensor) -> torch.Tensor:
         return self.disc_engine(x.to(self._dtype))
@@ -78,13 +82,12 @@ class VAEGAN:
         self.disc_engine.backward(d_loss)
         self.disc_engine.step()
         self.lpips.train()  # NetLinLayer dropout active, as under the original's Lightning .train()
-        terms = reconstruction_terms(mel, reconstruction, posterior, lpips=self.lpips,
-                                     perceptual_weight=self.config.perceptual_weight)
-        loss, g_terms = generator_loss(terms, self._discriminate_frozen(reconstruction),
-                                       last_layer=self.vae_engine.module.decoder.conv_out.weight,
-                                       kl_weight=self.config.kl_weight, disc_weight=self.config.disc_weight,
-                                       factor=factor)
-        self.vae_engine.backward(loss)
+        surrogate, g_terms = generator_loss(
+            mel, reconstruction, posterior, discriminator=self._discriminate_frozen, lpips=self.lpips,
+            last_layer=self.vae_engine.module.decoder.conv_out, last_layer_input=self._last_layer_input["x"],
+            perceptual_weight=self.config.perceptual_weight, kl_weight=self.config.kl_weight,
+            disc_weight=self.config.disc_weight, factor=factor)
+        self.vae_engine.backward(surrogate)
         self.vae_engine.step()
         return {**g_terms, **d_terms}
 
