@@ -88,10 +88,7 @@ def captions_for_tokenizer(shards) -> list[str]:
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():  # dropout on the GPU (the VAE target's LPIPS) draws from the CUDA generator
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,8 +182,6 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
         if rng is not None:
             generator.set_state(rng["generator"])
             torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
         else:  # another world size: a deterministic new stream of randomness per rank
             generator.manual_seed(config.train.seed * 100_003 + env.rank + 7919 * step)
         log.info("resumed from %s at step %d", point.our_dir, step)

@@ -82,11 +82,16 @@ class VAEGAN:
         self.disc_engine.backward(d_loss)
         self.disc_engine.step()
         self.lpips.train()  # NetLinLayer dropout active, as under the original's Lightning .train()
-        surrogate, g_terms = generator_loss(
-            mel, reconstruction, posterior, discriminator=self._discriminate_frozen, lpips=self.lpips,
-            last_layer=self.vae_engine.module.decoder.conv_out, last_layer_input=self._last_layer_input["x"],
-            perceptual_weight=self.config.perceptual_weight, kl_weight=self.config.kl_weight,
-            disc_weight=self.config.disc_weight, factor=factor)
+        # The dropout masks come from a seed drawn from the trainer's (checkpointed) generator, not from the
+        # global RNG that the loader also draws from at start-up: resumed runs see the same masks.
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        with torch.random.fork_rng(devices=[mel.device] if mel.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            surrogate, g_terms = generator_loss(
+                mel, reconstruction, posterior, discriminator=self._discriminate_frozen, lpips=self.lpips,
+                last_layer=self.vae_engine.module.decoder.conv_out, last_layer_input=self._last_layer_input["x"],
+                perceptual_weight=self.config.perceptual_weight, kl_weight=self.config.kl_weight,
+                disc_weight=self.config.disc_weight, factor=factor)
         self.vae_engine.backward(surrogate)
         self.vae_engine.step()
         return {**g_terms, **d_terms}
