@@ -166,7 +166,7 @@ def test_bf16_training_runs_and_saves(train_shards: Path, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_vae_target_trains_with_a_cosine_schedule_validates_and_exports(train_shards: Path, val_shards: Path,
                                                                        tmp_path: Path) -> None:
-    """train.target=vae: the same engine trains the autoencoder (L1 + KL); WarmupCosineLR follows its formula."""
+    """train.target=vae: the VAE engine (+ the discriminator's) trains the autoencoder; WarmupCosineLR follows its formula."""
     import math
 
     import torch
@@ -190,8 +190,9 @@ def test_vae_target_trains_with_a_cosine_schedule_validates_and_exports(train_sh
             progress = min(1.0, (iteration - warmup + 1) / (max_steps - warmup))
             ratio = 0.01 + 0.99 * (1 + math.cos(math.pi * progress)) / 2
         assert record["lr"] == pytest.approx(lr * ratio, rel=1e-4, abs=1e-9), record
-    losses = [r["loss"] for r in records]
+    losses = [r["nll_loss"] for r in records]
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses  # the reconstruction is learning
+    assert all(r["disc_factor"] == (r["step"] > 3) for r in records)  # tiny.yaml: disc_start 3
     assert [r["step"] for r in records if "val_loss" in r] == [15, 30]
     assert not list(run.glob("val_step*")), "the vae target validates the loss only"
 
