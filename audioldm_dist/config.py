@@ -110,8 +110,28 @@ class VAEConfig:
     scale_factor: float = 1.0
     """Latent scale; with `scale_by_std` the trainer sets it to 1/std of the first batch's latents."""
     scale_by_std: bool = True
-    kl_weight: float = 1.0e-6
-    """VAE training (train.target=vae): weight of the KL term against the summed L1 reconstruction."""
+    # VAE training (train.target=vae): the original's LPIPSWithDiscriminator (objectives.py), defaults 16k_64.yaml.
+    kl_weight: float = 1000.0
+    """Weight of the KL term, the mean over latent elements and batch (the original's `kl_weight`)."""
+    perceptual_weight: float = 1.0
+    """Weight of LPIPS(x, x̂) added to every element of the L1 reconstruction (summed over C, T, F)."""
+    disc_weight: float = 0.5
+    """Scales the adaptive weight of the generator's adversarial term (the original's `disc_weight`)."""
+    disc_start: int = 25000
+    """Training steps (optimizer steps = batches without accumulation) before the discriminator and the
+    adversarial term start. The original's `disc_start: 50001` counts Lightning's global_step, which
+    advances twice per batch (two optimizers): ours = original // 2 (`original_config` converts it)."""
+    lpips_weights: str = ""
+    """The LPIPS VGG16 weights file (`python -m audioldm_dist.models.lpips` writes it); needed for target=vae."""
+    lpips_random_init: bool = False
+    """Random LPIPS weights instead of `lpips_weights` (tests, demo; logged as a warning)."""
+
+    def __post_init__(self) -> None:
+        for name in ("kl_weight", "perceptual_weight", "disc_weight", "disc_start"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"vae.{name} must be non-negative, got {getattr(self, name)}")
+        if self.lpips_weights and self.lpips_random_init:
+            raise ValueError(f"vae.lpips_weights={self.lpips_weights!r} and vae.lpips_random_init=true: choose one")
 
 
 @dataclass(kw_only=True)
@@ -264,6 +284,11 @@ class Config:
     conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.target == "vae" and not (self.vae.lpips_weights or self.vae.lpips_random_init):
+            raise ValueError("train.target=vae needs vae.lpips_weights (the LPIPS VGG16 weights file; "
+                             "`python -m audioldm_dist.models.lpips` makes it) or vae.lpips_random_init=true")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

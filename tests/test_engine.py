@@ -33,9 +33,9 @@ def _no_orphan_runs():
 
 
 def _launch(run_dir: Path, shards: Path, *, ranks: int = 2, stage: int | str = 2, max_steps: int = 6, save_every: int = 3,
-            extra: list[str] = (), wait: bool = True):
+            extra: list[str] = (), wait: bool = True, ds_config: str | None = None):
     command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train.py",
-               "--deepspeed_config", f"configs/ds/zero{stage}.json", "--config", "configs/tiny.yaml",
+               "--deepspeed_config", ds_config or f"configs/ds/zero{stage}.json", "--config", "configs/tiny.yaml",
                "--run-dir", str(run_dir), "--train-data", str(shards), "--max-steps", str(max_steps),
                "--save-every", str(save_every), *extra]
     env = {**os.environ, "WANDB_MODE": "offline"}
@@ -166,7 +166,7 @@ def test_bf16_training_runs_and_saves(train_shards: Path, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_vae_target_trains_with_a_cosine_schedule_validates_and_exports(train_shards: Path, val_shards: Path,
                                                                        tmp_path: Path) -> None:
-    """train.target=vae: the same engine trains the autoencoder (L1 + KL); WarmupCosineLR follows its formula."""
+    """train.target=vae: the VAE engine (+ the discriminator's) trains the autoencoder; WarmupCosineLR follows its formula."""
     import math
 
     import torch
@@ -190,8 +190,9 @@ def test_vae_target_trains_with_a_cosine_schedule_validates_and_exports(train_sh
             progress = min(1.0, (iteration - warmup + 1) / (max_steps - warmup))
             ratio = 0.01 + 0.99 * (1 + math.cos(math.pi * progress)) / 2
         assert record["lr"] == pytest.approx(lr * ratio, rel=1e-4, abs=1e-9), record
-    losses = [r["loss"] for r in records]
+    losses = [r["nll_loss"] for r in records]
     assert sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses  # the reconstruction is learning
+    assert all(r["disc_factor"] == (r["step"] > 3) for r in records)  # tiny.yaml: disc_start 3
     assert [r["step"] for r in records if "val_loss" in r] == [15, 30]
     assert not list(run.glob("val_step*")), "the vae target validates the loss only"
 
@@ -207,3 +208,30 @@ def test_vae_target_trains_with_a_cosine_schedule_validates_and_exports(train_sh
     assert not report.parts["vae"].missing and not report.parts["unet"].missing
     first = next(iter(frozen["unet"]))
     assert torch.equal(model.unet.state_dict()[first], frozen["unet"][first])  # the UNet did not train
+
+
+def _records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_vae_gan_resume_continues_the_same_losses_past_disc_start(train_shards: Path, tmp_path: Path) -> None:
+    """train.target=vae with tiny.yaml's disc_start 3: both engines (VAE, discriminator) resume exactly."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    vae = ["--set", "train.target=vae", "--set", "train.learning_rate=0.001", "--set", "train.warmup_steps=0"]
+    _launch(whole, train_shards, max_steps=6, save_every=6, extra=vae, ds_config="configs/ds/vae.json")
+    _launch(split, train_shards, max_steps=4, save_every=4, extra=vae, ds_config="configs/ds/vae.json")
+    assert (split / "checkpoints" / "global_step4" / "discriminator").is_dir()
+    resumed = _launch(split, train_shards, max_steps=6, save_every=6, extra=vae, ds_config="configs/ds/vae.json")
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    expected, got = _records(whole), _records(split)
+    assert sorted(got) == list(range(1, 7))
+    terms = ("loss", "rec_loss", "nll_loss", "kl_loss", "g_loss", "d_weight", "disc_factor", "disc_loss")
+    for step in range(1, 7):
+        for name in terms:
+            assert got[step][name] == pytest.approx(expected[step][name], rel=1e-6, abs=1e-7), (step, name)
+    assert [expected[s]["disc_factor"] for s in range(1, 7)] == [0, 0, 0, 1, 1, 1]
+    assert all(expected[s]["disc_loss"] == 0 for s in (1, 2, 3)) and all(expected[s]["disc_loss"] > 0 for s in (4, 5, 6))
+    assert all(expected[s]["lr"] == pytest.approx(1e-3) for s in range(1, 7))  # no warm-up
+    # the discriminator trained: its logits on real data moved after disc_start, not before
+    assert expected[4]["logits_real"] != expected[6]["logits_real"]

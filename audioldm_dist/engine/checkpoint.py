@@ -4,6 +4,7 @@
         meta.json                      step, world size, ZeRO stage (written last by rank 0)
         client_state.pt                EMA, VAE scale, data stream state, config, wandb id (rank 0)
         rng_rank{R}.pt                 each rank's RNG states
+        discriminator/                 train.target=vae: the discriminator engine's DeepSpeed files
     RUN/checkpoints/latest             the newest complete tag: replaced atomically after a barrier,
                                        so it never names a tag that some rank is still writing.
 
@@ -21,6 +22,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -82,8 +84,10 @@ def check_room(run_dir: Path, *, rank: int, stop: bool) -> int:
 
 
 def save(engine, *, run_dir: Path, step: int, client_state: dict, rng_state: dict, rank: int, world_size: int,
-         zero_stage: int, keep_last: int, stop_on_low_disk: bool = False) -> Path:
+         zero_stage: int, keep_last: int, stop_on_low_disk: bool = False,
+         save_extra: Callable[[Path], None] | None = None) -> Path:
     """All ranks call this. Returns the tag folder once every rank has written and `latest` points at it.
+    `save_extra(tag_dir)` (all ranks) writes more engines' files before the checkpoint counts as complete.
 
     Out of space: the partial tag folder is removed (`latest` never named it) and a DiskFullError names the
     folder, the bytes needed and free, and the checkpoint `latest` still names."""
@@ -94,6 +98,8 @@ def save(engine, *, run_dir: Path, step: int, client_state: dict, rng_state: dic
     try:
         engine.save_checkpoint(str(folder), tag=tag, save_latest=False,
                                client_state={"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}})
+        if save_extra is not None:
+            save_extra(tag_dir)
         atomic_torch_save(tag_dir / f"rng_rank{rank}.pt", rng_state)
         if rank == 0:
             atomic_torch_save(tag_dir / CLIENT_STATE, client_state)

@@ -48,6 +48,8 @@ def load_ds_config(path: str | Path, train: TrainConfig, *, world_size: int) -> 
         params.setdefault("warmup_min_lr", 0.0)
     if scheduler["type"] in ("WarmupDecayLR", "WarmupCosineLR"):
         _check_or_fill(params, "total_num_steps", train.max_steps, path=path, ours="train.max_steps")
+    if scheduler["type"] == "WarmupLR" and params["warmup_num_steps"] == 0:
+        del ds["scheduler"]  # no warm-up: the optimizer's constant lr (DeepSpeed's WarmupLR rejects 0 steps)
     ds.setdefault("steps_per_print", 10**9)  # our logger prints; keep DeepSpeed's quiet
     return ds
 

@@ -5,6 +5,8 @@ frozen VAE, conditioner and vocoder stay plain modules on every rank. Each step:
 streaming loader → latents and condition outside the engine → `engine(x_t, t, ...)` → backward/step
 (DeepSpeed handles accumulation) → EMA → log → maybe checkpoint. Resuming restores the engine, EMA,
 VAE scale, data stream state and every rank's RNG, so the loss curve continues exactly.
+With train.target=vae the engine wraps the VAE and `engine/vae_gan.py` adds the discriminator's engine
+(the original's adversarial VAE loss); its state is part of every checkpoint.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from audioldm_dist.engine.ds_config import initialize_engine, load_ds_config, tr
 from audioldm_dist.engine.metrics import MetricsLogger
 from audioldm_dist.engine.run_config import check_run_config
 from audioldm_dist.engine.signals import StopSignal
+from audioldm_dist.engine.vae_gan import VAEGAN, build_vae_gan, check_vae_ds_config, mean_metrics
+from audioldm_dist.models.lpips import load_lpips
 from audioldm_dist.objectives import TRAINED_PART, make_objective
 from audioldm_dist.pretrained import PARTS
 
@@ -138,7 +142,13 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
     dtype = training_dtype(ds)
     check_run_config(run_dir, config, config_path=args.config)
     point = checkpoint.find_resume_point(run_dir, args.resume)
+    if config.train.target == "vae":
+        check_vae_ds_config(ds)
     if point is not None and point.meta["world_size"] != env.world_size:
+        if config.train.target == "vae":
+            raise ValueError(f"train.target=vae: the checkpoint {point.our_dir} was written by "
+                             f"{point.meta['world_size']} ranks; resume it with that many (the discriminator's "
+                             f"checkpoint is not converted to a universal one)")
         point = checkpoint.universal_for(point, rank=env.rank)
         ds["checkpoint"] = {"load_universal": True}
     if not config.train.train_data:
@@ -157,10 +167,14 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
     model.unet.select_attention_backend(device=device, dtype=dtype)
     trained = getattr(model, TRAINED_PART[config.train.target])  # the UNet, or the VAE with train.target=vae
     trained.requires_grad_(True)
-    objective = make_objective(model, config.train.target)
+    lpips = load_lpips(weights=config.vae.lpips_weights, random_init=config.vae.lpips_random_init,
+                       seed=config.train.seed) if config.train.target == "vae" else None
+    objective = make_objective(model, config.train.target, lpips=lpips.to(device) if lpips is not None else None)
     ema = EMA(trained, decay=config.diffusion.ema_decay)  # before ZeRO-3 partitions the parameters
     with build_lock_warning(rank=env.rank):
         engine = initialize_engine(trained, ds, fresh=point is None)
+    gan = build_vae_gan(model, vae_engine=engine, ds=ds, config=config, device=device,
+                        lpips=lpips) if config.train.target == "vae" else None
     zero_stage = engine.zero_optimization_stage()
     generator = torch.Generator().manual_seed(config.train.seed * 100_003 + env.rank)
     step, stream_state, wandb_id = 0, None, None
@@ -171,6 +185,8 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
 
     if point is not None:
         engine.load_checkpoint(str(point.load_dir), tag=point.tag, load_module_strict=True)
+        if gan is not None:
+            gan.load(point.our_dir)
         client = checkpoint.load_client_state(point)
         step = point.meta["step"]
         model.vae.scale_factor.fill_(client["scale_factor"])
@@ -213,7 +229,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
             inject_test_fault(rank=env.rank, step=step + 1)
             started = time.perf_counter()
             data_wait = 0.0
-            losses = []
+            losses, gan_terms = [], []
             for _ in range(config.train.gradient_accumulation_steps):
                 fetch = time.perf_counter()
                 batch = next(batches)
@@ -221,9 +237,13 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
                 if needs_scale:
                     _set_scale_from_rank0(model, batch)
                     needs_scale = False
-                loss = objective(batch, generator=generator, network=engine)
-                engine.backward(loss)
-                engine.step()
+                if gan is not None:  # target=vae: discriminator step, then the VAE's (vae_gan.py)
+                    gan_terms.append(gan.micro_step(batch, generator=generator, step=step))
+                    loss = gan_terms[-1]["loss"]
+                else:
+                    loss = objective(batch, generator=generator, network=engine)
+                    engine.backward(loss)
+                    engine.step()
                 tracker.advance(batch)
                 losses.append(loss.detach().float())
             step += 1
@@ -247,13 +267,14 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
                                   "step_seconds": elapsed, "samples_per_s": samples / elapsed,
                                   "audio_s_per_s": samples * config.audio.duration / elapsed,
                                   "data_wait": data_wait / elapsed, "epoch": tracker.state.epoch,
-                                  "failed_samples": counters["failed"], **val_metrics})
+                                  "failed_samples": counters["failed"], **val_metrics,
+                                  **(mean_metrics(gan_terms, world_size=env.world_size) if gan_terms else {})})
             logger.advance()
             stopping = stop.should_stop()
             if step % config.train.save_every == 0 or step == config.train.max_steps or stopping:
                 with guard.phase(f"checkpoint at step {step}"):
                     _save(engine, model, ema, tracker, generator, run_dir=run_dir, step=step, env=env,
-                          zero_stage=zero_stage, config=config, wandb_id=logger.wandb_id)
+                          zero_stage=zero_stage, config=config, wandb_id=logger.wandb_id, gan=gan)
             if stopping and step < config.train.max_steps:
                 stop.stopped_early = True
                 log.warning("rank %d: stopped by signal after saving step %d", env.rank, step)
@@ -312,12 +333,12 @@ def _set_scale_from_rank0(model, batch: dict) -> None:
 
 
 def _save(engine, model, ema, tracker, generator, *, run_dir: Path, step: int, env: DistEnv, zero_stage: int,
-          config: Config, wandb_id: str | None) -> None:
+          config: Config, wandb_id: str | None, gan: VAEGAN | None) -> None:
     client = {"step": step, "scale_factor": float(model.vae.scale_factor), "stream": tracker.state.to_dict(),
               "ema": ema.state_dict(), "config": to_dict(config), "wandb_id": wandb_id}
     checkpoint.save(engine, run_dir=run_dir, step=step, client_state=client, rng_state=rng_state(generator),
                     rank=env.rank, world_size=env.world_size, zero_stage=zero_stage, keep_last=config.train.keep_last,
-                    stop_on_low_disk=config.train.stop_on_low_disk)
+                    stop_on_low_disk=config.train.stop_on_low_disk, save_extra=gan.save if gan is not None else None)
 
 
 def _truncate_metrics(path: Path, *, after_step: int) -> None:

@@ -164,8 +164,9 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per sample, summed over latent dims."""
-        return 0.5 * torch.sum(self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar, dim=[1, 2, 3])
+        """KL(q || N(0, I)) per sample (B,), the MEAN over latent elements as the AudioLDM training code reduces it
+        (`modules/diffusionmodules/distributions.py:43-51`; latent-diffusion's original sums)."""
+        return 0.5 * torch.mean(self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar, dim=[1, 2, 3])
 
 
 class AutoencoderKL(nn.Module):
