@@ -214,7 +214,8 @@ class DiffusionConfig:
             raise ValueError(f"diffusion.parameterization={self.parameterization!r}: expected eps, v or x0")
         if not 1 <= self.ddim_steps <= self.num_timesteps // 2:
             raise ValueError(f"diffusion.ddim_steps={self.ddim_steps}: expected 1 to {self.num_timesteps // 2} "
-                             f"(the original's DDIM rule indexes past the schedule above num_timesteps / 2)")
+                             f"(the original's DDIM rule indexes past the schedule above num_timesteps / 2; "
+                             f"diffusion/ddim.py `ddim_timesteps` names the other step counts it refuses)")
         if self.ddim_eta < 0:
             raise ValueError(f"diffusion.ddim_eta={self.ddim_eta} must be >= 0")
 

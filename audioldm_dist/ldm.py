@@ -16,7 +16,7 @@ from torch import nn
 
 from audioldm_dist.config import Config
 from audioldm_dist.data.features import MelFeatures
-from audioldm_dist.diffusion.ddim import ddim_sample
+from audioldm_dist.diffusion.ddim import ddim_sample, ddim_timesteps
 from audioldm_dist.diffusion.objective import diffusion_loss
 from audioldm_dist.diffusion.schedule import NoiseSchedule
 from audioldm_dist.models.conditioners import Condition, build_conditioner
@@ -42,6 +42,7 @@ class AudioLDM(nn.Module):
         """False until the first `loss` call, which never drops the condition (original: ddpm.py:1276-1277);
         the trainer sets it on resume so that a resumed run replays the uninterrupted one."""
         self.schedule = NoiseSchedule(config.diffusion)
+        ddim_timesteps(config.diffusion.num_timesteps, config.diffusion.ddim_steps)  # a step count the original fails on: now
         self.mel = MelFeatures(config.audio)
         for frozen in (self.vae, self.vocoder):
             frozen.requires_grad_(False)

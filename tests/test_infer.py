@@ -54,7 +54,7 @@ def _infer(ckpt: Path, out: Path, lst: Path, *extra: str) -> int:
     from audioldm_dist.infer import main
 
     return main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--ckpt", str(ckpt), "--list_inference", str(lst),
-                 "--out", str(out), "--ddim_steps", "3", "--batch_size", "2", *extra])
+                 "--out", str(out), "--ddim_steps", "4", "--batch_size", "2", *extra])
 
 
 def _audio(folder: Path) -> dict[str, "np.ndarray"]:
@@ -95,7 +95,7 @@ def test_same_seed_same_audio_on_one_or_two_ranks(tiny_checkpoint: Path, tmp_pat
 
     command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
                "audioldm_dist.infer", "--config", "configs/tiny.yaml", "--ckpt", str(tiny_checkpoint),
-               "--list_inference", str(lst), "--out", str(tmp_path / "two"), "--ddim_steps", "3", "--batch_size", "2",
+               "--list_inference", str(lst), "--out", str(tmp_path / "two"), "--ddim_steps", "4", "--batch_size", "2",
                "--seed", "3"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -47,14 +47,25 @@ def test_ddim_timesteps_follow_the_original_rule(steps: int) -> None:
         assert len(ours) == 8 and ours[-1] == 995  # 1000 // 7 = 142: eight steps, the first at t = 995
 
 
-@pytest.mark.parametrize("steps", [501, 1000])
+@pytest.mark.parametrize("steps", [3, 9, 333, 501, 1000])
 def test_ddim_steps_the_original_crashes_on_are_a_clear_error(steps: int) -> None:
     with pytest.raises(IndexError):  # what the original does: ᾱ indexed at t = 1000
         np.zeros(1000)[_original_ddim_timesteps(steps)]
-    with pytest.raises(ValueError, match=r"at most 500"):
+    with pytest.raises(ValueError, match=r"reaches t=1000, past the schedule.*use e.g. \d+ steps \(at most 500\)"):
         ddim_timesteps(1000, steps)
-    with pytest.raises(ValueError, match=r"diffusion.ddim_steps=.*expected 1 to 500"):
-        DiffusionConfig(ddim_steps=steps)
+    if steps > 500:
+        with pytest.raises(ValueError, match=r"diffusion.ddim_steps=.*expected 1 to 500"):
+            DiffusionConfig(ddim_steps=steps)
+
+
+def test_every_step_count_the_original_runs_is_accepted() -> None:
+    for steps in range(1, 501):
+        runs = _original_ddim_timesteps(steps).max() < 1000
+        if runs:
+            assert ddim_timesteps(1000, steps) == _original_ddim_timesteps(steps).tolist()
+        else:
+            with pytest.raises(ValueError):
+                ddim_timesteps(1000, steps)
 
 
 def test_ddim_with_eta_adds_noise_at_every_step_the_last_included() -> None:
@@ -173,6 +184,10 @@ def test_every_shipped_deepspeed_config_is_the_original_optimizer_unless_named_o
     for path in sorted((ROOT / "configs" / "ds").glob("*.json")):
         ds = json.loads(path.read_text())
         assert ds["gradient_clipping"] == 0.0, path.name
+        if path.stem == "vae":  # the autoencoder stage: Adam(betas=(0.5, 0.9)), no decay (autoencoder.py:471-493)
+            assert ds["optimizer"] == {"type": "Adam", "params": {"lr": "auto", "betas": [0.5, 0.9], "eps": 1e-8,
+                                                                  "weight_decay": 0.0}}
+            continue
         assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": "auto", "betas": [0.9, 0.999], "eps": 1e-8,
                                                                "weight_decay": 0.01}}, path.name
         expected = "WarmupCosineLR" if path.stem == "zero2_cosine" else "WarmupLR"  # the one named option

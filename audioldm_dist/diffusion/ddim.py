@@ -2,8 +2,8 @@
 
 Timesteps follow the original's 'uniform' rule exactly (`make_ddim_timesteps`): every (T // S)-th step of
 range(0, T), each shifted by one. When S does not divide T this gives more than S steps (S = 7 → 8 steps,
-the first at t = 995), as the original does; an S above T / 2 makes the original index ᾱ at t = T and crash,
-so it is refused here with a clear error. With η > 0 fresh noise is added at every step, the last included,
+the first at t = 995), as the original does; an S whose stride divides T - 1 (S = 3, 9, 27, 37, 111, 333 or
+above T / 2 for T = 1000) makes the original index ᾱ at t = T and crash, so it is refused with a clear error. With η > 0 fresh noise is added at every step, the last included,
 as the original's `p_sample_ddim` does (η = 1 is the original's generation default, `diffusion.ddim_eta`).
 """
 from __future__ import annotations
@@ -22,12 +22,16 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
     """The original 'uniform' selection: range(0, T, T // S) + 1 (1, 6, 11, ... for T=1000, S=200).
 
-    Original: utilities/diffusion_util.py `make_ddim_timesteps` (c = T // S; range(0, T, c); + 1)."""
-    if not 1 <= num_steps <= num_timesteps // 2:
-        raise ValueError(f"DDIM steps must be between 1 and {num_timesteps // 2} (T/2) for T={num_timesteps}, got "
-                         f"{num_steps}: the original's uniform rule gives stride 1 above T/2 and then indexes t={num_timesteps}, "
-                         f"past the schedule (it crashes); use at most {num_timesteps // 2} steps")
-    stride = num_timesteps // num_steps
+    Original: utilities/diffusion_util.py `make_ddim_timesteps` (c = T // S; range(0, T, c); + 1). When c
+    divides T - 1 the last step is t = T and the original's ᾱ lookup fails (S = 3, 9, 27, 37, 111, 333 and
+    every S above T/2 for T = 1000): refused here with the nearest S that works."""
+    stride = num_timesteps // num_steps if 1 <= num_steps <= num_timesteps else 0
+    if stride == 0 or (num_timesteps - 1) % stride == 0:
+        works = [s for s in range(1, num_timesteps + 1) if (num_timesteps - 1) % (num_timesteps // s) != 0]
+        nearest = min(works, key=lambda s: (abs(s - num_steps), s))
+        raise ValueError(f"DDIM steps {num_steps}: the original's uniform rule (range(0, {num_timesteps}, "
+                         f"{num_timesteps} // steps) + 1) reaches t={num_timesteps}, past the schedule, so the "
+                         f"original fails on it; use e.g. {nearest} steps (at most {max(works)})")
     return [t + 1 for t in range(0, num_timesteps, stride)]
 
 
