@@ -66,14 +66,17 @@ _SCALARS = [
     ("model.params.unet_config.params.num_head_channels", "unet", "num_head_channels"),
     ("model.params.unet_config.params.transformer_depth", "unet", "transformer_depth"),
     ("model.params.unet_config.params.dropout", "unet", "dropout"),
-    ("model.params.first_stage_config.params.embed_dim", "vae", "embed_dim"),
-    ("model.params.first_stage_config.params.ddconfig.ch", "vae", "ch"),
-    ("model.params.first_stage_config.params.ddconfig.ch_mult", "vae", "ch_mult"),
-    ("model.params.first_stage_config.params.ddconfig.num_res_blocks", "vae", "num_res_blocks"),
-    ("model.params.first_stage_config.params.ddconfig.z_channels", "vae", "z_channels"),
-    ("model.params.first_stage_config.params.ddconfig.in_channels", "vae", "in_channels"),
-    ("model.params.first_stage_config.params.ddconfig.out_ch", "vae", "out_ch"),
-    ("model.params.first_stage_config.params.ddconfig.double_z", "vae", "double_z"),
+    ("{vae}.embed_dim", "vae", "embed_dim"),
+    ("{vae}.ddconfig.ch", "vae", "ch"),
+    ("{vae}.ddconfig.ch_mult", "vae", "ch_mult"),
+    ("{vae}.ddconfig.num_res_blocks", "vae", "num_res_blocks"),
+    ("{vae}.ddconfig.z_channels", "vae", "z_channels"),
+    ("{vae}.ddconfig.in_channels", "vae", "in_channels"),
+    ("{vae}.ddconfig.out_ch", "vae", "out_ch"),
+    ("{vae}.ddconfig.double_z", "vae", "double_z"),
+    ("{vae}.lossconfig.params.kl_weight", "vae", "kl_weight"),
+    ("{vae}.lossconfig.params.disc_weight", "vae", "disc_weight"),
+    ("{vae}.lossconfig.params.perceptual_weight", "vae", "perceptual_weight"),
     ("model.params.scale_by_std", "vae", "scale_by_std"),
     ("model.params.timesteps", "diffusion", "num_timesteps"),
     ("model.params.linear_start", "diffusion", "linear_start"),
@@ -119,6 +122,7 @@ UNMAPPED_REASONS: dict[str, str] = {
     "extra_film_use_concat": "always true: FiLM is concatenated to the time embedding (the released layout)",
     "use_spatial_transformer": "always true (the released layout)",
     "n_candidates_per_samples": "infer --n_candidates (best-of-N by CLAP)",
+    "disc_in_channels": "1: the log-mel (the discriminator's input channels follow vae.in_channels)",
     "model.params.first_stage_config.base_learning_rate": "the VAE stage's learning rate: train.learning_rate "
                                                           "of a train.target=vae run",
     "model.params.first_stage_config.params.batchsize": "the VAE stage's batch: train.micro_batch_size of a "
@@ -133,6 +137,31 @@ def unmapped_reason(key: str) -> str:
     return UNMAPPED_REASONS.get(key.rsplit(".", 1)[-1], "no counterpart here and no known reason: please report it")
 
 
+def _vae_root(tree: dict) -> str:
+    """Where the autoencoder's params sit: inside an LDM config, or at the top of a VAE config (16k_64.yaml)."""
+    return "model.params" if "AutoencoderKL" in str(_get(tree, "model.target", "")) else \
+        "model.params.first_stage_config.params"
+
+
+def _vae_stage(tree: dict, raw: dict, used: set[str], *, vae: str) -> None:
+    """disc_start counts Lightning steps, two per batch under the VAE's manual optimisation (original_recipe.md
+    §c); ours counts batches. A VAE config (16k_64.yaml) also sets the VAE stage's training schedule."""
+    disc_start = _get(tree, f"{vae}.lossconfig.params.disc_start")
+    if disc_start is not None:
+        raw.setdefault("vae", {})["disc_start"] = int(disc_start) // 2
+        used.add(f"{vae}.lossconfig.params.disc_start")
+    if vae != "model.params":
+        return
+    train = raw.setdefault("train", {})
+    train.update(target="vae", warmup_steps=0)  # the VAE stage has no warm-up (autoencoder.py:471-493)
+    for original, ours in (("model.base_learning_rate", "learning_rate"), ("model.params.batchsize", "micro_batch_size")):
+        if _get(tree, original) is not None:
+            train[ours] = _get(tree, original)
+            used.add(original)
+    # The original downloads LPIPS' VGG16 at run time; ours reads one local file (configs/vae_16k_64.yaml's path).
+    raw["vae"].update(scale_by_std=False, lpips_weights="data/checkpoints/lpips_vgg.pt")
+
+
 def read_original_config(path: str | Path) -> tuple[Config, list[str]]:
     """Our config from an original YAML, and the original keys that have no counterpart (see `unmapped_reason`)."""
     path = Path(path)
@@ -141,7 +170,11 @@ def read_original_config(path: str | Path) -> tuple[Config, list[str]]:
         raise ValueError(f"{path}: expected a mapping at the top level")
     raw: dict[str, dict] = {}
     used: set[str] = set()
+    vae = _vae_root(tree)
     for original, section, key in _SCALARS:
+        original = original.format(vae=vae)
+        if vae == "model.params" and (section, key) in (("train", "learning_rate"), ("train", "micro_batch_size")):
+            continue  # a VAE config: its stage's schedule (`_vae_stage`)
         value = _get(tree, original)
         if value is not None:
             raw.setdefault(section, {})[key] = [value] if key == "train" and isinstance(value, str) else value
@@ -149,9 +182,10 @@ def read_original_config(path: str | Path) -> tuple[Config, list[str]]:
     unet = _get(tree, "model.params.unet_config.params", {}) or {}
     film_dim = unet.get("extra_film_condition_dim")
     context_dim = unet.get("context_dim")
-    raw.setdefault("unet", {})["film_dim"] = int(film_dim or 0)
-    raw["unet"]["context_dims"] = [int(d) for d in (context_dim or [])] if isinstance(context_dim, list) else (
-        [int(context_dim)] if context_dim else [])
+    if unet:  # a VAE config has no UNet: ours keeps its defaults
+        raw.setdefault("unet", {})["film_dim"] = int(film_dim or 0)
+        raw["unet"]["context_dims"] = [int(d) for d in (context_dim or [])] if isinstance(context_dim, list) else (
+            [int(context_dim)] if context_dim else [])
     used.update(f"model.params.unet_config.params.{key}" for key in ("extra_film_condition_dim", "context_dim"))
     for name, condition in (_get(tree, "model.params.cond_stage_config", {}) or {}).items():
         target = str(condition.get("target", ""))
@@ -165,6 +199,7 @@ def read_original_config(path: str | Path) -> tuple[Config, list[str]]:
                                amodel=str(params.get("amodel") or "HTSAT-tiny"), tokenizer="roberta-base",
                                max_length=512, embed_mode="mixed")
         used.update(f"model.params.cond_stage_config.{name}.{leaf}" for leaf in _flatten(condition))
+    _vae_stage(tree, raw, used, vae=vae)
     config = from_dict(Config, raw, where=str(path))
     unmapped = [key for key in _flatten(tree) if key not in used and not key.startswith("variables.")]
     return config, unmapped

@@ -240,6 +240,18 @@ def test_original_yaml_maps_onto_our_config() -> None:
     assert "model.params.base_learning_rate" not in unmapped and "step.max_steps" not in unmapped
     unknown = [key for key in unmapped if unmapped_reason(key).startswith("no counterpart here and no known reason")]
     assert not unknown, f"original keys dropped without a reason: {unknown}"
+    assert (config.vae.disc_start, config.vae.kl_weight, config.vae.disc_weight) == (25000, 1000.0, 0.5)
+
+
+def test_original_vae_yaml_maps_onto_a_vae_stage_config() -> None:
+    """16k_64.yaml: the autoencoder's params at the top; disc_start counts Lightning's 2 steps per batch."""
+    config, unmapped = read_original_config(ROOT / "tests" / "data" / "vae_16k_64_original.yaml")
+    assert config.train.target == "vae" and config.train.learning_rate == 8e-6 and config.train.micro_batch_size == 4
+    assert config.train.warmup_steps == 0 and not config.vae.scale_by_std
+    assert (config.vae.disc_start, config.vae.kl_weight, config.vae.disc_weight) == (25000, 1000.0, 0.5)
+    assert (config.vae.ch, config.vae.ch_mult, config.vae.embed_dim) == (128, [1, 2, 4], 8)
+    unknown = [key for key in unmapped if unmapped_reason(key).startswith("no counterpart here and no known reason")]
+    assert not unknown, f"original keys dropped without a reason: {unknown}"
 
 
 def test_model_code_does_not_import_training_code() -> None:
