@@ -17,4 +17,9 @@ echo "setting up $VENV (first run: a few minutes)" >&2
 printf 'torch==2.11.0\ntorchaudio==2.11.0\n' > "$VENV/constraints.txt"
 "$VENV/bin/python" -m pip install --quiet $TORCH_PIN
 "$VENV/bin/python" -m pip install --quiet -c "$VENV/constraints.txt" -e ".[dev]"
+# Reference implementations the tests compare against (the original's CLAP and VAE-loss modules). Without their
+# dependencies: laion-clap pins numpy<2 and taming-transformers pulls a whole training stack; what they import
+# is in the dev extra.
+"$VENV/bin/python" -m pip install --quiet --no-deps -c "$VENV/constraints.txt" laion-clap==1.1.7 torchlibrosa==0.1.0 \
+  taming-transformers-rom1504==0.0.6
 echo "$stamp_value" > "$VENV/.installed"
