@@ -130,7 +130,10 @@ def executor_parameters(args: argparse.Namespace, *, run_dir: Path, node_cpus: i
     cpus = args.cpus_per_task or (max(1, node_cpus // tasks) if node_cpus else (8 if args.gpus_per_node else 1))
     parameters = {"name": args.job_name or f"audioldm-{run_dir.name}", "nodes": args.nodes, "tasks_per_node": tasks,
                   "cpus_per_task": cpus, "timeout_min": parse_time_minutes(args.time),
-                  "slurm_signal_delay_s": signal_delay_for(run_dir, args.signal_delay)}
+                  "slurm_signal_delay_s": signal_delay_for(run_dir, args.signal_delay),
+                  # A task that exits non-zero (a failed rank: exit 1, 3 or 4) ends the whole step at once instead
+                  # of leaving the others to wait; submitit then reports the job failed and does not requeue it.
+                  "slurm_srun_args": ["--kill-on-bad-exit=1"]}
     if args.gpus_per_node:
         parameters["gpus_per_node"] = args.gpus_per_node
     if args.mem_gb:

@@ -73,6 +73,7 @@ def test_dry_run_prints_the_sbatch_script_and_task_environment(tmp_path: Path) -
                  "#SBATCH --partition=gpu", "#SBATCH --time=2880", "#SBATCH --signal=USR2@180",
                  "task 63: node 7, RANK=63 LOCAL_RANK=7 WORLD_SIZE=64"):
         assert line in result.stdout
+    assert "srun --unbuffered --output" in result.stdout and "--kill-on-bad-exit=1" in result.stdout
     assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
 
 
