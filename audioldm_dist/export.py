@@ -17,7 +17,7 @@ import torch
 
 from audioldm_dist.engine import checkpoint
 from audioldm_dist.engine.trainer import FROZEN_PARTS
-from audioldm_dist.fileio import atomic_torch_save
+from audioldm_dist.fileio import DiskFullError, atomic_torch_save
 
 PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "vocoder": "first_stage_model.vocoder.",
           "conditioner": "cond_stage_model."}
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"export: error: {error}", file=sys.stderr)
         return 2
+    except DiskFullError as error:
+        print(f"export: error: {error.strerror}", file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0
 

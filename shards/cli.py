@@ -14,6 +14,7 @@ import re
 import sys
 
 from audioldm_dist.data.metadata import MetadataError
+from audioldm_dist.fileio import DiskFullError
 from shards.make import OptionsMismatchError, make_shards
 from shards.plan import ShardOptions
 from shards.verify import verify_folder
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except (MetadataError, OptionsMismatchError, ValueError) as error:
         print(f"make-shards: error: {error}", file=sys.stderr)
         return 2
+    except DiskFullError as error:
+        print(f"make-shards: error: {error.strerror}; shards written so far are kept: run the same command again "
+              f"once there is room", file=sys.stderr)
+        return 1
     totals = result.manifest.to_dict()["totals"]
     print(f"make-shards: {totals['num_samples']} samples in {totals['num_shards']} shards "
           f"({totals['hours']:.3f} h, {totals['bytes'] / 1e6:.1f} MB) in {args.out}; "

@@ -19,7 +19,7 @@ from typing import Callable
 from audioldm_dist.data import schema
 from audioldm_dist.data.audio import AudioDecodeError, decode, downmix, encode_flac, resample
 from audioldm_dist.data.metadata import LabelIndex
-from audioldm_dist.fileio import atomic_write_bytes, fsync_dir
+from audioldm_dist.fileio import atomic_write_bytes, disk_full_error, fsync_dir, is_out_of_space
 from shards.plan import Failure, PlannedSample, ShardOptions, ShardSpec, failure_of
 
 STATE_DIR = ".make-shards"
@@ -125,9 +125,22 @@ def encode_sample(sample: PlannedSample, options: ShardOptions, labels: LabelInd
 
 def write_shard(spec: ShardSpec, *, out_dir: Path, options: ShardOptions, labels: LabelIndex | None,
                 progress: ProgressCallback | None = None) -> ShardRecord:
-    """Writes one shard atomically and its record; per-sample problems become failures, not errors."""
-    final_path = out_dir / spec.name
+    """Writes one shard atomically and its record; per-sample problems become failures, not errors. No room
+    left on the output's device: the partial file is removed and a DiskFullError names the folder."""
     tmp_path = out_dir / f".{spec.name}.tmp-{os.getpid()}"
+    try:
+        return _write_shard(spec, out_dir=out_dir, tmp_path=tmp_path, options=options, labels=labels,
+                            progress=progress)
+    except OSError as error:
+        tmp_path.unlink(missing_ok=True)
+        if is_out_of_space(error, out_dir):
+            raise disk_full_error(out_dir, what=f"shard {spec.name}", needed=0) from error
+        raise
+
+
+def _write_shard(spec: ShardSpec, *, out_dir: Path, tmp_path: Path, options: ShardOptions, labels: LabelIndex | None,
+                 progress: ProgressCallback | None) -> ShardRecord:
+    final_path = out_dir / spec.name
     failures: list[Failure] = []
     num_samples = 0
     seconds = 0.0

@@ -131,18 +131,46 @@ def test_a_step_blocked_forever_trips_the_watchdog_on_every_rank(train_shards: P
     assert time.monotonic() - started < JOB_SECONDS + 60
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
+def _tmpfs(mount_point: Path, *, size: str):
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("needs root to mount a small tmpfs")
-    mount_point = tmp_path / "small_disk"
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=28m", "tmpfs", str(mount_point)],
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    return mount_point
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    yield _tmpfs(tmp_path / "small_disk", size="28m")
+    subprocess.run(["umount", "-l", str(tmp_path / "small_disk")], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    yield _tmpfs(tmp_path / "tiny_disk", size="1m")
+    subprocess.run(["umount", "-l", str(tmp_path / "tiny_disk")], check=False)
+
+
+def test_make_shards_and_atomic_writes_on_a_full_disk_say_so_in_one_line(demo_root: Path, tiny_disk: Path) -> None:
+    import torch
+
+    from audioldm_dist.fileio import DiskFullError, atomic_torch_save
+
+    with pytest.raises(DiskFullError, match=r"model.ckpt could not be written to .*: no space left on the device or "
+                                            r"quota exceeded \(needs about 4\.0 MB, .* free\)"):
+        atomic_torch_save(tiny_disk / "model.ckpt", torch.zeros(1 << 20))  # what export and checkpoints write
+    assert not list(tiny_disk.iterdir())  # no partial temp file left
+    result = subprocess.run([sys.executable, "-c", "import sys; from shards.cli import main; sys.exit(main())",
+                             "--metadata-root", str(demo_root), "--dataset", "demo", "--split", "train", "--out",
+                             str(tiny_disk / "shards"), "--workers", "1", "--max-count", "4", "--quiet"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "could not be written to" in errors[0] and "no space left" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_full_disk_during_a_checkpoint_keeps_latest_and_the_run_resumes_elsewhere(
