@@ -212,21 +212,22 @@ def test_uncached_tokenizer_names_its_setting(clap_model: AudioLDM, monkeypatch:
 
 
 def released_layout_file(path: Path) -> None:
-    """UNet/VAE at AudioLDM-S shapes, the CLAP in laion layout, the vocoder in our weight-norm layout; every
-    tensor a stride-0 view of one zero, so the file is small."""
+    """UNet/VAE at AudioLDM-S shapes, the CLAP in laion layout, the vocoder with plain weights (as the original
+    saves it); every tensor a stride-0 view of one number, so the file is small."""
     from test_clap import clap_reference
     from test_models import _reference_shapes
 
-    from audioldm_dist.models.vocoder import HiFiGAN
 
     zero = torch.zeros(())
     state = {key: zero.expand(shape) for part in ("unet_model.diffusion_model", "vae_first_stage_model")
              for key, shape in _reference_shapes()[part].items()}
     for key, spec in clap_reference()["released_checkpoint_layout"].items():
         state[key] = torch.zeros((), dtype=getattr(torch, spec["dtype"])).expand(spec["shape"])
-    config = load_config(ROOT / "configs" / "audioldm_s.yaml")
-    state |= {f"first_stage_model.vocoder.{key}": zero.expand(value.shape)
-              for key, value in HiFiGAN(config.vocoder).state_dict().items()}
+    # The vocoder as the original saves it inside LDM checkpoints: plain weights, weight norm removed (194 tensors).
+    from test_recipe import _reference
+
+    plain = next(iter(_reference("vocoder_in_ldm_checkpoint_shapes.json").values()))
+    state |= {key: torch.ones(()).expand(shape) for key, shape in plain.items()}
     state["scale_factor"] = torch.tensor(0.6)
     torch.save({"state_dict": state}, path)
 
@@ -245,3 +246,4 @@ def test_check_checkpoint_of_a_released_layout_matches_every_part_offline(tmp_pa
     for part, (matched, missing, unexpected, shape_errors, ignored) in rows.items():
         assert int(matched) > 0 and (missing, unexpected, shape_errors) == ("0", "0", "0"), (part, result.stdout)
     assert rows["conditioner"][0] == "447" and rows["conditioner"][4] == "20"
+    assert rows["vocoder"][0] == "291"  # 97 weights as weight_g + weight_v, and the biases
