@@ -217,7 +217,6 @@ def released_layout_file(path: Path) -> None:
     from test_clap import clap_reference
     from test_models import _reference_shapes
 
-
     zero = torch.zeros(())
     state = {key: zero.expand(shape) for part in ("unet_model.diffusion_model", "vae_first_stage_model")
              for key, shape in _reference_shapes()[part].items()}
