@@ -8,6 +8,7 @@ bash scripts/setup_env.sh
 OUT=${1:-demo_run}
 PY=.venv/bin/python
 export WANDB_MODE=${WANDB_MODE:-offline}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # everything is built from configs; no hub retries on offline machines
 mkdir -p "$OUT"
 echo "== 1/7 demo dataset → $OUT/data"
 $PY -m audioldm_dist.demo_data "$OUT/data" --num-clips 240 --seed 0

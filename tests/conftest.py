@@ -2,15 +2,19 @@
 one-machine SLURM cluster (`slurm_cluster`, `slurm_env`; see slurm_cluster.py)."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from audioldm_dist.demo_data import write_demo_dataset
-from shards.make import make_shards
-from shards.plan import ShardOptions
-from slurm_cluster import slurm_cluster, slurm_env  # noqa: F401  (fixtures)
+# Offline by design (scripts/test.sh sets it too): before anything imports huggingface_hub, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from audioldm_dist.demo_data import write_demo_dataset  # noqa: E402
+from shards.make import make_shards  # noqa: E402
+from shards.plan import ShardOptions  # noqa: E402
+from slurm_cluster import slurm_cluster, slurm_env  # noqa: E402, F401  (fixtures)
 
 NUM_DEMO_CLIPS = 40
 
