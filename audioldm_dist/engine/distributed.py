@@ -43,12 +43,17 @@ LOCK_WARNING_SECONDS = 60.0
 
 
 def extensions_dir() -> Path:
-    """Where DeepSpeed's JIT-built ops go: TORCH_EXTENSIONS_DIR if set, else inside this environment, keyed by
-    the torch version. The shared default (~/.cache/torch_extensions) hangs an older torch forever on the
+    """Where DeepSpeed's JIT-built ops go: TORCH_EXTENSIONS_DIR if set, else inside this environment (or, when
+    that is read-only, a user cache folder named after it), keyed by the torch version. The shared default (~/.cache/torch_extensions) hangs an older torch forever on the
     `lock` file a newer torch keeps there by design."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
     folder = Path(sys.prefix) / "torch_extensions" / f"torch{torch.__version__}"
+    if not os.access(sys.prefix, os.W_OK):  # a read-only (shared) environment: a per-environment user cache
+        import hashlib
+
+        environment = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+        folder = Path.home() / ".cache" / "audioldm_dist" / "torch_extensions" / environment / f"torch{torch.__version__}"
     os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
     return folder
 
