@@ -75,7 +75,10 @@ def main() -> None:
         run_row(args.only, args)
         return
     device = torch.device(args.device)
-    backends = ["math", "sdpa"] + (["xformers"] if device.type == "cuda" else [])
+    import importlib.util
+
+    has_xformers = importlib.util.find_spec("xformers") is not None  # the optional extra
+    backends = ["math", "sdpa"] + (["xformers"] if device.type == "cuda" and has_xformers else [])
     results = {}
     for backend in backends:
         output = subprocess.run([sys.executable, __file__, "--only", backend, "--steps", str(args.steps),
