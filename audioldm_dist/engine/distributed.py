@@ -97,6 +97,14 @@ def init_process_group(env: DistEnv, *, timeout_s: float = 1800.0) -> None:
                                    timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def collective_device() -> torch.device:
+    """Where tensors of our own collectives live: NCCL takes only this rank's GPU, gloo the CPU."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+            torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def attempt_id() -> str:
     """An id every rank of this start of the job shares (rank 0 draws it): names this attempt's failure reports."""
     import secrets

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from audioldm_dist.data.stream import JOB_SIGNALS as STOP_SIGNALS
+from audioldm_dist.engine.distributed import collective_device
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class StopSignal:
                     signal.Signals(signum).name)
 
     def should_stop(self) -> bool:
-        flag = torch.tensor([1 if self.received else 0])
+        flag = torch.tensor([1 if self.received else 0], device=collective_device())
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -26,8 +26,8 @@ from audioldm_dist.data.stream import ShardStream, StreamOptions, StreamTracker,
 from audioldm_dist.data.stream_plan import StreamState
 from audioldm_dist.diffusion.ema import EMA
 from audioldm_dist.engine import checkpoint
-from audioldm_dist.engine.distributed import (DistEnv, attempt_id, build_lock_warning, destroy_process_group,
-                                              device_for, init_process_group)
+from audioldm_dist.engine.distributed import (DistEnv, attempt_id, build_lock_warning, collective_device,
+                                              destroy_process_group, device_for, init_process_group)
 from audioldm_dist.engine.guard import JobGuard, inject_test_fault
 from audioldm_dist.engine.ds_config import initialize_engine, load_ds_config, training_dtype
 from audioldm_dist.engine.metrics import MetricsLogger
@@ -325,7 +325,7 @@ def _validate(validator, model, engine, ema: EMA, logger: MetricsLogger, *, step
 
 
 def _set_scale_from_rank0(model, batch: dict) -> None:
-    scale = torch.tensor([model.latent_scale_from(batch)])
+    scale = torch.tensor([model.latent_scale_from(batch)], device=collective_device())
     if dist.is_initialized():
         dist.broadcast(scale, src=0)  # every rank uses rank 0's first batch, as one process would
     model.vae.scale_factor.fill_(float(scale))

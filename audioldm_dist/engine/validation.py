@@ -27,6 +27,7 @@ from audioldm_dist.config import Config
 from audioldm_dist.data.sources import ShardInfo
 from audioldm_dist.data.stream import ShardStream, StreamOptions, make_loader
 from audioldm_dist.diffusion.ema import EMA
+from audioldm_dist.engine.distributed import collective_device
 from audioldm_dist.objectives import Objective
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class Validator:
         finally:
             engine.module.train(was_training)
         if dist.is_initialized():
+            total = total.to(collective_device())
             dist.all_reduce(total)
         return float(total[0] / total[1].clamp_min(1))
 
