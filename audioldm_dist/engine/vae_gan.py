@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from audioldm_dist.config import Config
+from audioldm_dist.engine.distributed import collective_device
 from audioldm_dist.models.discriminator import NLayerDiscriminator
 from audioldm_dist.objectives import discriminator_loss, disc_factor, generator_loss
 
@@ -123,6 +124,7 @@ def mean_metrics(records: list[dict[str, torch.Tensor]], *, world_size: int) -> 
     """Each term's mean over the step's micro-batches and all ranks (one all-reduce)."""
     values = torch.stack([torch.stack([r[name].float() for name in METRICS]) for r in records]).mean(0)
     if dist.is_initialized():
+        values = values.to(collective_device())
         dist.all_reduce(values)
         values /= world_size
     return dict(zip(METRICS, values.tolist()))
