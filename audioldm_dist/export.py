@@ -45,6 +45,7 @@ def export(run_dir: Path, *, tag: str | None = None, out: Path | None = None) ->
     if trained == "unet":
         for name, tensor in client["ema"]["shadow"].items():
             state["model_ema.diffusion_model" + name.replace(".", "")] = tensor.float()
+        state["model_ema.num_updates"] = torch.tensor(client["ema"]["num_updates"], dtype=torch.int)  # as LitEma
     state["scale_factor"] = torch.tensor(client["scale_factor"])
     out = out or run_dir / f"export_{point.tag}.ckpt"
     atomic_torch_save(out, {"state_dict": state, "audioldm_dist": {"config": client["config"], "step": point.meta["step"],

@@ -45,6 +45,8 @@ class PartReport:
 class LoadReport:
     parts: dict[str, PartReport] = field(default_factory=lambda: {part: PartReport() for part in PARTS})
     ema: dict[str, torch.Tensor] = field(default_factory=dict)
+    ema_num_updates: int | None = None
+    """LitEma's `model_ema.num_updates` (sets where the EMA's decay warm-up stands), when the file has it."""
     other: list[str] = field(default_factory=list)
 
     @property
@@ -167,6 +169,9 @@ def map_state_dict(state: dict[str, torch.Tensor], modules: dict[str, nn.Module]
     state = _normalise_vocoder(state, expected.get("vocoder"))
     ema_names = {name.replace(".", ""): name for name in expected.get("unet", {})}
     for key, tensor in state.items():
+        if key == "model_ema.num_updates":
+            report.ema_num_updates = int(tensor)
+            continue
         if key.startswith("model_ema."):
             name = ema_names.get(key[len("model_ema."):].removeprefix("diffusion_model"))
             if name is not None:

@@ -4,7 +4,8 @@ The file is written as the original code writes it: UNet and VAE under their Lig
 top-level `scale_factor` of 0.123, the HiFi-GAN after `remove_weight_norm` (plain `.weight`), and the
 CLAP in laion_clap names with the exact released layout of ../shared/reference (HTSAT-tiny + RoBERTa-base,
 418 tensors; random weights). After 2 steps and an export, the scale is still 0.123 (not re-estimated),
-the vocoder and CLAP are the ones given, and the export loads with nothing missing.
+the vocoder and CLAP are the ones given, the EMA goes on from the checkpoint's, and the export loads with
+nothing missing.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from test_clap import released_clap_state
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 SCALE = 0.123
+EMA_UPDATES = 100_000
 
 
 def _overrides(tokenizer: Path) -> list[str]:
@@ -48,6 +50,9 @@ def _released_checkpoint(path: Path, *, overrides: list[str]) -> dict[str, torch
     clap["cond_stage_model.model.text_branch.embeddings.position_ids"] = torch.arange(514).unsqueeze(0)
     state |= clap
     state["scale_factor"] = torch.tensor(SCALE)
+    for name, value in model.unet.state_dict().items():  # LitEma's names: no dots; an EMA unlike the weights
+        state["model_ema.diffusion_model" + name.replace(".", "")] = value + 0.01 * torch.randn_like(value)
+    state["model_ema.num_updates"] = torch.tensor(EMA_UPDATES, dtype=torch.int)
     torch.save({"state_dict": state}, path)
     return state
 
@@ -85,6 +90,10 @@ def test_finetuning_a_released_layout_keeps_scale_vocoder_and_clap(train_shards:
     assert converted and all(torch.equal(state[f"cond_stage_model.model.{key}"], value)
                              for key, value in converted.items())
 
+    # The EMA goes on from the checkpoint's (2 updates at decay 0.9999), not from the weights.
+    assert int(state["model_ema.num_updates"]) == EMA_UPDATES + 2
+    ema_keys = [key for key in given if key.startswith("model_ema.diffusion_model")]
+    assert ema_keys and all((state[key] - given[key]).abs().max() < 1e-4 for key in ema_keys)  # weights: 0.01 away
     model = AudioLDM(load_config(ROOT / "configs" / "tiny.yaml", overrides), load_conditioner_weights=False)
     _, report = map_state_dict(state, {part: getattr(model, part) for part in ("unet", "vae", "vocoder", "conditioner")})
     for part, part_report in report.parts.items():

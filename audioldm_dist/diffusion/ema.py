@@ -22,6 +22,15 @@ class EMA:
             if name in self.shadow:
                 self.shadow[name].lerp_(parameter.detach().float(), 1.0 - decay)
 
+    def start_from(self, shadow: dict[str, torch.Tensor], *, num_updates: int | None) -> None:
+        """Continue a checkpoint's EMA (finetuning): its weights, and its update count where it has one (LitEma's
+        `num_updates`; the original restores both with the rest of the state dict)."""
+        missing = set(self.shadow) - set(shadow)
+        if missing:
+            raise ValueError(f"the checkpoint's EMA lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        self.shadow = {name: shadow[name].detach().float().clone() for name in self.shadow}
+        self.num_updates = num_updates or 0
+
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         for name, parameter in model.named_parameters():

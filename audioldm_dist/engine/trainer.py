@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from audioldm_dist.config import Config, load_config, to_dict
 from audioldm_dist.data.sources import resolve_specs
@@ -36,7 +37,7 @@ from audioldm_dist.engine.signals import StopSignal
 from audioldm_dist.engine.vae_gan import VAEGAN, build_vae_gan, check_vae_ds_config, mean_metrics
 from audioldm_dist.models.lpips import load_lpips
 from audioldm_dist.objectives import TRAINED_PART, make_objective
-from audioldm_dist.pretrained import PARTS
+from audioldm_dist.pretrained import PARTS, LoadReport
 
 log = logging.getLogger("audioldm_dist.train")
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_model_with_weights(config: Config, *, captions: list[str] | None, reload_from_ckpt: str | None,
-                             resuming: bool):
+                             resuming: bool) -> tuple[nn.Module, LoadReport | None]:
     """AudioLDM with --reload_from_ckpt's weights; the conditioner from `conditioner.pretrained` only if that
     checkpoint did not supply it. `resuming`: the first step is no longer the original's dry run."""
     from audioldm_dist.ldm import AudioLDM
@@ -130,7 +131,7 @@ def build_model_with_weights(config: Config, *, captions: list[str] | None, relo
     report = load_pretrained(model, reload_from_ckpt) if reload_from_ckpt else None
     load_conditioner_unless_supplied(model, report, checkpoint=reload_from_ckpt)
     model.conditional_dry_run_finished = resuming
-    return model
+    return model, report
 
 
 def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopSignal, guard: JobGuard) -> int:
@@ -162,8 +163,9 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
 
         exported = read_export_metadata(args.reload_from_ckpt).get("captions") if args.reload_from_ckpt else None
         captions = exported or captions_for_tokenizer(shards)
-    model = build_model_with_weights(config, captions=captions, reload_from_ckpt=args.reload_from_ckpt,
-                                     resuming=point is not None).to(device)
+    model, report = build_model_with_weights(config, captions=captions, reload_from_ckpt=args.reload_from_ckpt,
+                                             resuming=point is not None)
+    model = model.to(device)
     model.unet.select_attention_backend(device=device, dtype=dtype)
     trained = getattr(model, TRAINED_PART[config.train.target])  # the UNet, or the VAE with train.target=vae
     trained.requires_grad_(True)
@@ -171,6 +173,10 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
                        seed=config.train.seed) if config.train.target == "vae" else None
     objective = make_objective(model, config.train.target, lpips=lpips.to(device) if lpips is not None else None)
     ema = EMA(trained, decay=config.diffusion.ema_decay)  # before ZeRO-3 partitions the parameters
+    if report is not None and report.ema and config.train.target == "ldm":  # finetuning goes on with its EMA
+        ema.start_from(report.ema, num_updates=report.ema_num_updates)
+        log.info("EMA: %d tensors from %s (num_updates %s)", len(report.ema), args.reload_from_ckpt,
+                 report.ema_num_updates)
     with build_lock_warning(rank=env.rank):
         engine = initialize_engine(trained, ds, fresh=point is None)
     gan = build_vae_gan(model, vae_engine=engine, ds=ds, config=config, device=device,
