@@ -182,7 +182,7 @@ def test_vae_target_trains_with_a_cosine_schedule_validates_and_exports(train_sh
                    "--set", f"train.learning_rate={lr}", "--set", "train.val_every=15", "--set", "train.val_batches=2"])
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, max_steps + 1))
-    for record in records:  # DeepSpeed's WarmupCosineLR (linear warm-up, cos_min_ratio 0.01) at iteration step-1
+    for record in records:  # the lr of each step's update: WarmupCosineLR (linear warm-up, cos_min 0.01) at step-1
         iteration = record["step"] - 1
         if iteration < warmup:
             ratio = iteration / warmup

@@ -234,6 +234,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
             guard.set_phase(f"step {step + 1}")
             inject_test_fault(rank=env.rank, step=step + 1)
             started = time.perf_counter()
+            learning_rate = float(engine.get_lr()[0])  # what this step's update uses (the scheduler moves after it)
             data_wait = 0.0
             losses, gan_terms = [], []
             for _ in range(config.train.gradient_accumulation_steps):
@@ -268,7 +269,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
             if step % config.train.log_every == 0 or val_metrics:
                 grad_norm = engine.get_global_grad_norm()
                 counters = tracker.counters()
-                logger.log(step, {"loss": float(mean_loss), "lr": float(engine.get_lr()[0]),
+                logger.log(step, {"loss": float(mean_loss), "lr": learning_rate,
                                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
                                   "step_seconds": elapsed, "samples_per_s": samples / elapsed,
                                   "audio_s_per_s": samples * config.audio.duration / elapsed,
