@@ -148,7 +148,15 @@ class JobGuard:
 
     # -- ending the rank ----------------------------------------------------------------------------
     def fail(self, error: BaseException) -> NoReturn:
-        """This rank failed: log once, tell the others, leave nothing running, exit 1."""
+        """This rank failed: log once, tell the others, leave nothing running, exit 1. An error that says a peer
+        is gone waits a moment for that peer's report: then this rank only followed it (exit 4)."""
+        if any(marker in str(error) for marker in _LOST_PEER):
+            deadline = time.monotonic() + 2 * POLL_SECONDS
+            while (peer := self._peer_failure()) is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if peer is not None:
+                log.error("rank %d: another rank ended the job (%s): stopping this rank too", self.rank, peer)
+                self._end(EXIT_PEER_FAILED, f"rank {self.rank} stopped: {peer}", dump_stacks=True)
         log.error("rank %d: training failed: %s", self.rank, _one_line(error), exc_info=error)
         self._end(EXIT_FAILED, f"rank {self.rank} failed: {_one_line(error)}", dump_stacks=False)
 
