@@ -48,7 +48,7 @@ def test_sbatch_parameters_for_8_nodes_of_8_gpus(tmp_path: Path) -> None:
     assert parameters == {"name": "audioldm-s1", "nodes": 8, "tasks_per_node": 8, "gpus_per_node": 8,
                           "cpus_per_task": 12, "timeout_min": 2880, "slurm_signal_delay_s": 180,
                           "slurm_partition": "gpu", "slurm_account": "lab", "slurm_qos": "high",
-                          "slurm_exclude": "gpu13"}
+                          "slurm_exclude": "gpu13", "slurm_srun_args": ["--kill-on-bad-exit=1"]}
     assert launcher.parse_time_minutes("1-00:30") == 1470 and launcher.parse_time_minutes("90") == 90
     assert launcher.parse_time_minutes("00:00:30") == 1
     (tmp_path / "s1").mkdir()
