@@ -121,3 +121,16 @@ def test_extension_cache_is_per_environment_and_a_slow_build_names_its_locks(
         pass
     time.sleep(0.2)
     assert "still waiting" not in caplog.text  # a quick start says nothing
+
+
+def test_our_collectives_use_the_rank_gpu_under_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL takes no CPU tensors: on an H100 every run failed at its first step (stop flag, scale broadcast)."""
+    import torch
+
+    assert distributed.collective_device() == torch.device("cpu")  # no process group: gloo-style CPU
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "gloo")
+    assert distributed.collective_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device() == torch.device("cuda", 3)
