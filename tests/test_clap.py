@@ -1,10 +1,8 @@
 """The original's CLAP in transformers: key conversion, offline config, front end, equivalence with laion_clap."""
 from __future__ import annotations
 
-import json
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from audioldm_dist.config import ConditionerConfig
 from audioldm_dist.models.clap import (ROBERTA_BASE, ClapAudioFrontEnd, convert_laion_state_dict, fit_clap_length,
                                        laion_clap_config)
 from audioldm_dist.models.conditioners import build_conditioner
+from reference_files import load_reference
 
 CLAP_SHAPES_FILE = "clap_state_dict_shapes.json"
 LAION_INSTALL = ("pip install --no-deps laion-clap torchlibrosa && "
@@ -20,11 +19,7 @@ LAION_INSTALL = ("pip install --no-deps laion-clap torchlibrosa && "
 
 
 def clap_reference() -> dict:
-    for base in Path(__file__).resolve().parents[1:3]:
-        path = base / "shared" / "reference" / CLAP_SHAPES_FILE
-        if path.is_file():
-            return json.loads(path.read_text())
-    raise FileNotFoundError(f"shared/reference/{CLAP_SHAPES_FILE} not found beside or inside the checkout")
+    return load_reference(CLAP_SHAPES_FILE)
 
 
 def released_clap_state(*, prefix: str = "cond_stage_model.model.", seed: int = 0) -> dict[str, torch.Tensor]:

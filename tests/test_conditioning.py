@@ -223,9 +223,9 @@ def released_layout_file(path: Path) -> None:
     for key, spec in clap_reference()["released_checkpoint_layout"].items():
         state[key] = torch.zeros((), dtype=getattr(torch, spec["dtype"])).expand(spec["shape"])
     # The vocoder as the original saves it inside LDM checkpoints: plain weights, weight norm removed (194 tensors).
-    from test_recipe import _reference
+    from reference_files import load_reference
 
-    plain = next(iter(_reference("vocoder_in_ldm_checkpoint_shapes.json").values()))
+    plain = next(iter(load_reference("vocoder_in_ldm_checkpoint_shapes.json").values()))
     state |= {key: torch.ones(()).expand(shape) for key, shape in plain.items()}
     state["scale_factor"] = torch.tensor(0.6)
     torch.save({"state_dict": state}, path)

@@ -1,7 +1,6 @@
 """Model parts: shapes, released-checkpoint layout, attention backends, sampling, overfitting, loaders."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from audioldm_dist.models.vae import AutoencoderKL
 from audioldm_dist.models.vocoder import HiFiGAN
 from audioldm_dist.original_config import read_original_config, unmapped_reason
 from audioldm_dist.pretrained import CheckpointError, load_pretrained
+from reference_files import load_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a steady sine wave tone", "a rising chirp", "bursts of white noise", "a slow rhythmic beat"]
@@ -25,11 +25,7 @@ SHAPES_FILE = "audioldm_s_state_dict_shapes.json"
 
 
 def _reference_shapes() -> dict:
-    for base in Path(__file__).resolve().parents[1:3]:
-        path = base / "shared" / "reference" / SHAPES_FILE
-        if path.is_file():
-            return json.loads(path.read_text())
-    raise FileNotFoundError(f"shared/reference/{SHAPES_FILE} not found beside or inside the checkout")
+    return load_reference(SHAPES_FILE)
 
 
 @pytest.fixture(scope="module")

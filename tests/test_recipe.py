@@ -20,16 +20,9 @@ from audioldm_dist.diffusion.schedule import NoiseSchedule
 from audioldm_dist.models.vocoder import HiFiGAN
 from audioldm_dist.pretrained import load_pretrained, map_state_dict
 from processes import free_port
+from reference_files import load_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _reference(name: str) -> dict:
-    for base in Path(__file__).resolve().parents[1:3]:
-        path = base / "shared" / "reference" / name
-        if path.is_file():
-            return json.loads(path.read_text())
-    raise FileNotFoundError(f"shared/reference/{name} not found beside or inside the checkout")
 
 
 def _original_ddim_timesteps(num_ddim: int, num_ddpm: int = 1000) -> np.ndarray:
@@ -90,7 +83,7 @@ def test_ddim_with_eta_adds_noise_at_every_step_the_last_included() -> None:
 
 
 def _s_vocoder() -> HiFiGAN:
-    config = _reference("audioldm_s_state_dict_shapes.json")["hifigan_16k_64bins_config"]
+    config = load_reference("audioldm_s_state_dict_shapes.json")["hifigan_16k_64bins_config"]
     fields = ("upsample_rates", "upsample_kernel_sizes", "upsample_initial_channel", "resblock_kernel_sizes",
               "resblock_dilation_sizes", "num_mels")
     return HiFiGAN(VocoderConfig(**{key: config[key] for key in fields})).eval()
@@ -102,7 +95,7 @@ def test_vocoder_saved_without_weight_norm_loads_and_gives_the_same_audio() -> N
     original = _s_vocoder()
     original.remove_weight_norm()
     plain = {f"first_stage_model.vocoder.{key}": value for key, value in original.state_dict().items()}
-    layout = next(iter(_reference("vocoder_in_ldm_checkpoint_shapes.json").values()))
+    layout = next(iter(load_reference("vocoder_in_ldm_checkpoint_shapes.json").values()))
     assert {key: list(value.shape) for key, value in plain.items()} == layout
     ours = _s_vocoder()
 

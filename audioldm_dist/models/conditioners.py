@@ -74,22 +74,6 @@ def build_word_tokenizer(captions: list[str], *, max_length: int):
                                    bos_token="<s>", eos_token="</s>", model_max_length=max_length)
 
 
-def build_word_tokenizer(captions: list[str], *, max_length: int):
-    """A small word-level tokenizer over `captions` (offline stand-in for RoBERTa / T5 tokenizers)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator([caption.lower() for caption in captions],
-                                  trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
-    # Every text, the empty caption included, becomes at least "<s> </s>", as RoBERTa's tokenizer does.
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[(token, tokenizer.token_to_id(token)) for token in ("<s>", "</s>")])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>", model_max_length=max_length)
-
-
 def is_transformers_source(pretrained: str) -> bool:
     """True for a hub name or save_pretrained folder; False for "" and for a .pt/.ckpt file."""
     return bool(pretrained) and not Path(pretrained).is_file() and not pretrained.endswith((".pt", ".ckpt"))
