@@ -157,10 +157,12 @@ def test_guidance_dropout_swaps_in_the_empty_caption_embedding(tiny: AudioLDM) -
     empty = tiny.conditioner.unconditional(device)
     always = ConditionerConfig(**{**tiny.config.conditioner.__dict__, "ucg_rate": 1.0})
     tiny.conditioner.config, saved = always, tiny.conditioner.config
-    try:
-        dropped = tiny.conditioner.drop_for_guidance(condition, batch_size=2, device=device)
+    dry_run_finished, tiny.conditional_dry_run_finished = tiny.conditional_dry_run_finished, True
+    try:  # the training path: a whole-batch drop (ucg_rate 1) past the original's dry run
+        dropped = tiny.training_condition({"text": CAPTIONS[:2]}, mode="text", batch_size=2, device=device,
+                                          generator=torch.Generator().manual_seed(0))
     finally:
-        tiny.conditioner.config = saved
+        tiny.conditioner.config, tiny.conditional_dry_run_finished = saved, dry_run_finished
     assert torch.allclose(dropped.film, empty.film.expand(2, -1))
     assert not torch.allclose(condition.film, dropped.film)
 

@@ -12,7 +12,7 @@ tokenizer (the tokenizer loads on the first encode), so `build_conditioner(..., 
 captions, so tests and the demo run offline.
 
 Classifier-free guidance, as the original: the unconditional embedding is the encoder's output for the
-empty caption (CLAP: its TEXT embedding, also in audio mode); `drop_for_guidance` replaces whole batches
+empty caption (CLAP: its TEXT embedding, also in audio mode); `batch_dropped` decides whole batches
 (`ucg_rate`), `drop_samples` single samples (CLAP's `ucg_sample_rate`).
 """
 from __future__ import annotations
@@ -165,13 +165,6 @@ class _FrozenEncoder(nn.Module):
     def batch_dropped(self, *, generator: torch.Generator | None = None) -> bool:
         """One uniform draw < ucg_rate: the whole batch becomes unconditional (ddpm.py:1136-1140, 1211-1215)."""
         return float(torch.rand(1, generator=generator, device=_generator_device(generator))) < self.config.ucg_rate
-
-    def drop_for_guidance(self, condition: Condition, *, batch_size: int, device: torch.device,
-                          generator: torch.Generator | None = None) -> Condition:
-        """With probability `ucg_rate`, the whole batch becomes unconditional (AudioLDM's rule)."""
-        if not self.batch_dropped(generator=generator):
-            return condition
-        return self.unconditional(device).repeat(batch_size)
 
     def drop_samples(self, condition: Condition, *, generator: torch.Generator | None = None) -> Condition:
         """Each sample becomes unconditional with probability `sample_dropout_rate` (CLAP: CM:1321-1324)."""
