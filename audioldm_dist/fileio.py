@@ -49,12 +49,13 @@ def is_out_of_space(error: BaseException, folder: Path, *, needed: int = 0) -> b
     return False
 
 
-def disk_full_error(folder: Path, *, what: str, needed: int) -> DiskFullError:
+def disk_full_error(folder: Path, *, what: str, needed: int, advice: str = "") -> DiskFullError:
+    """The one-line error: what, where, the bytes needed and free, then `advice` (e.g. what is kept)."""
     folder = Path(folder)
     free = free_bytes(folder)
     need = f"needs about {human_bytes(needed)}" if needed else "needs more room"
     return DiskFullError(errno.ENOSPC, f"{what} could not be written to {folder}: no space left on the device or "
-                                       f"quota exceeded ({need}, {human_bytes(free)} free)")
+                                       f"quota exceeded ({need}, {human_bytes(free)} free){advice}")
 
 
 def fsync_dir(folder: Path) -> None:

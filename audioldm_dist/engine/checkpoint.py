@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from audioldm_dist.fileio import (DiskFullError, atomic_torch_save, atomic_write_bytes, disk_full_error,
+from audioldm_dist.fileio import (atomic_torch_save, atomic_write_bytes, disk_full_error,
                                   folder_bytes, free_bytes, human_bytes, is_out_of_space)
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,9 @@ def save(engine, *, run_dir: Path, step: int, client_state: dict, rng_state: dic
         if not is_out_of_space(error, folder, needed=needed):
             raise
         shutil.rmtree(tag_dir, ignore_errors=True)
-        full = disk_full_error(folder, what=f"checkpoint {tag}", needed=needed)
-        raise DiskFullError(full.errno, f"{full.strerror}; `latest` still names {latest_tag(run_dir) or 'nothing'}"
-                                        f" (complete); free space or move the run directory, then resume") from None
+        raise disk_full_error(folder, what=f"checkpoint {tag}", needed=needed,
+                              advice=f"; `latest` still names {latest_tag(run_dir) or 'nothing'} (complete); free "
+                                     f"space or move the run directory, then resume") from None
     _barrier()  # every rank has written its shards and RNG file
     if rank == 0:
         meta = {"step": step, "world_size": world_size, "zero_stage": zero_stage}
