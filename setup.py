@@ -21,7 +21,8 @@ setup(
         "wandb>=0.17",
         "tqdm>=4.66",
         "pyyaml>=6.0",
-        "pillow>=10.0",  # spectrogram PNGs of validation samples
+        "pillow>=10.0",
+        "matplotlib>=3.7",  # spectrogram images (colour, axes, caption) and the run report's plots
     ],
     extras_require={
         "xformers": ["xformers>=0.0.27"],

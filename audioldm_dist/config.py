@@ -136,7 +136,14 @@ class VAEConfig:
 
 @dataclass(kw_only=True)
 class VocoderConfig:
-    """HiFi-GAN generator (the released 16 kHz, 64-mel one)."""
+    """Mel → waveform: HiFi-GAN (the released 16 kHz, 64-mel generator) or Griffin-Lim (no weights)."""
+
+    kind: str = "hifigan"
+    """hifigan (the original; needs released or trained weights) | griffinlim (inverse mel + Griffin-Lim phase
+    recovery over our exact STFT: audible output from a model trained without vocoder weights, e.g. the demo).
+    The fields below up to num_mels are HiFi-GAN's."""
+    griffinlim_iters: int = 32
+    """Griffin-Lim iterations (kind=griffinlim)."""
 
     upsample_rates: list[int] = field(default_factory=lambda: [5, 4, 2, 2, 2])
     upsample_kernel_sizes: list[int] = field(default_factory=lambda: [16, 16, 8, 4, 4])
@@ -144,6 +151,12 @@ class VocoderConfig:
     resblock_kernel_sizes: list[int] = field(default_factory=lambda: [3, 7, 11])
     resblock_dilation_sizes: list[list[int]] = field(default_factory=lambda: [[1, 3, 5], [1, 3, 5], [1, 3, 5]])
     num_mels: int = 64
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hifigan", "griffinlim"):
+            raise ValueError(f"vocoder.kind={self.kind!r}: expected hifigan or griffinlim")
+        if self.griffinlim_iters < 1:
+            raise ValueError(f"vocoder.griffinlim_iters must be at least 1, got {self.griffinlim_iters}")
 
 
 @dataclass(kw_only=True)

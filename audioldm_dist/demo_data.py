@@ -36,6 +36,8 @@ CLASSES = [
     ("/m/demo_high", "High frequency"),
 ]
 NOTE_NAMES = {220.0: "A3", 261.63: "C4", 329.63: "E4", 392.0: "G4", 440.0: "A4", 523.25: "C5", 880.0: "A5"}
+CLICK_FREQUENCIES = (200.0, 800.0, 1200.0)
+NOISE_COLOURS = ("white", "low rumbling")
 
 
 def _envelope(num_samples: int, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
@@ -82,7 +84,7 @@ def _noise(t: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarray
         start = int(rng.uniform(0, 0.8) * len(t))
         length = int(rng.uniform(0.05, 0.3) * sr)
         signal[start:start + length] = rng.standard_normal(len(signal[start:start + length]))
-    colour = rng.choice(["white", "low rumbling"])
+    colour = rng.choice(list(NOISE_COLOURS))
     if colour == "low rumbling":
         kernel = np.ones(32) / 32
         signal = np.convolve(signal, kernel, mode="same") * 4
@@ -91,7 +93,7 @@ def _noise(t: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarray
 
 def _rhythm(t: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]:
     bpm = int(rng.choice([60, 90, 120, 150, 180]))
-    freq = float(rng.choice([200.0, 800.0, 1200.0]))
+    freq = float(rng.choice(list(CLICK_FREQUENCIES)))
     period = 60.0 / bpm
     local = np.mod(t, period)
     click = np.sin(2 * np.pi * freq * t) * np.exp(-local * 40)

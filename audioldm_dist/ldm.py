@@ -1,4 +1,4 @@
-"""The whole AudioLDM: conditioner → UNet over VAE latents → VAE decoder → HiFi-GAN.
+"""The whole AudioLDM: conditioner → UNet over VAE latents → VAE decoder → HiFi-GAN (or Griffin-Lim).
 
 `AudioLDM.loss(batch)` is the DDPM training objective on a loader batch; `AudioLDM.generate(texts)`
 is DDIM with classifier-free guidance down to waveforms. Only the UNet is trainable: the VAE,
@@ -22,6 +22,7 @@ from audioldm_dist.diffusion.schedule import NoiseSchedule
 from audioldm_dist.models.conditioners import Condition, build_conditioner
 from audioldm_dist.models.unet import UNetModel
 from audioldm_dist.models.vae import AutoencoderKL
+from audioldm_dist.models.griffinlim import GriffinLim
 from audioldm_dist.models.vocoder import HiFiGAN
 
 
@@ -35,7 +36,9 @@ class AudioLDM(nn.Module):
         self.captions = captions
         self.unet = UNetModel(config.unet)
         self.vae = AutoencoderKL(config.vae)
-        self.vocoder = HiFiGAN(config.vocoder)
+        self.mel = MelFeatures(config.audio)
+        self.vocoder = (GriffinLim(config.audio, mel_basis=self.mel.mel_basis, num_iters=config.vocoder.griffinlim_iters)
+                        if config.vocoder.kind == "griffinlim" else HiFiGAN(config.vocoder))
         self.conditioner = build_conditioner(config.conditioner, captions=captions,
                                              load_weights=load_conditioner_weights)
         self.conditional_dry_run_finished = False
@@ -43,7 +46,6 @@ class AudioLDM(nn.Module):
         the trainer sets it on resume so that a resumed run replays the uninterrupted one."""
         self.schedule = NoiseSchedule(config.diffusion)
         ddim_timesteps(config.diffusion.num_timesteps, config.diffusion.ddim_steps)  # a step count the original fails on: now
-        self.mel = MelFeatures(config.audio)
         for frozen in (self.vae, self.vocoder):
             frozen.requires_grad_(False)
             frozen.eval()

@@ -7,7 +7,7 @@ parameters from all of them. The training RNGs are not touched, so resumed runs 
 
 Samples: rank 0 generates for the first `train.val_num_samples` val items with the EMA weights (a
 plain UNet copy, so ZeRO-3's partitioning does not matter) and writes `RUN_DIR/val_stepNNNNNNN/KEY.wav`,
-`KEY.png` (its log-mel) and `KEY.json` (caption, step: the sidecar `infer` writes too). The real clips,
+`KEY.png` (its log-mel in colour, axes in s and Hz, the caption as title) and `KEY.json` (caption, step: the sidecar `infer` writes too). The real clips,
 cropped and resampled as the model hears them, go once to `RUN_DIR/val_reference/KEY.wav`, so
 `python -m audioldm_dist.eval --log_path RUN_DIR` compares every validation folder with them.
 """
@@ -18,7 +18,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import soundfile
 import torch
 import torch.distributed as dist
@@ -29,6 +28,7 @@ from audioldm_dist.data.stream import ShardStream, StreamOptions, make_loader
 from audioldm_dist.diffusion.ema import EMA
 from audioldm_dist.engine.distributed import collective_device
 from audioldm_dist.objectives import Objective
+from audioldm_dist.plots import spectrogram_png
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ class Validator:
             audio = waveform[0].float().cpu()
             soundfile.write(str(out / f"{prompt.key}.wav"), audio.numpy(), self.config.audio.sampling_rate)
             log_mel = model.mel.batch(audio.view(1, 1, -1).to(device))[0][0].cpu()  # (frames, mels)
-            write_spectrogram_png(log_mel, out / f"{prompt.key}.png")
+            spectrogram_png(log_mel, audio=self.config.audio, mel_basis=model.mel.mel_basis, title=prompt.caption,
+                            path=out / f"{prompt.key}.png")
             (out / f"{prompt.key}.json").write_text(json.dumps(
                 {"caption": prompt.caption, "key": prompt.key, "step": step, "ema": True,
                  "ddim_steps": self.config.diffusion.ddim_steps,
@@ -149,14 +150,3 @@ def _file_stem(fname: str, key: str, *, used: list[ValPrompt]) -> str:
         suffix += 1
         unique = f"{stem}_{suffix}"
     return unique
-
-
-def write_spectrogram_png(log_mel: torch.Tensor, path: Path) -> None:
-    """(frames, mels) → a grey image, low frequencies at the bottom, min..max of the clip stretched."""
-    from PIL import Image
-
-    values = log_mel.float().numpy().T[::-1]  # (mels, frames)
-    low, high = float(values.min()), float(values.max())
-    scaled = (values - low) / max(high - low, 1e-8) * 255.0
-    image = Image.fromarray(np.ascontiguousarray(scaled).astype(np.uint8), mode="L")
-    image.resize((image.width * 2, image.height * 2), Image.NEAREST).save(path)

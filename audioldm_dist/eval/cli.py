@@ -3,11 +3,14 @@
     python -m audioldm_dist.eval --generated DIR --reference DIR [--out metrics.json] WEIGHTS
     python -m audioldm_dist.eval --log_path RUN_DIR [RUN_DIR ...] [--reference DIR] WEIGHTS
     python -m audioldm_dist.eval --log_path all [--runs-root runs] [--reference DIR] WEIGHTS
+    python -m audioldm_dist.eval --conformance --generated DIR [--captions FILE]
 
 WEIGHTS: --panns-ckpt Cnn14_16k_mAP=0.438.pth --vggish-ckpt vggish-10086976.pth [--clap-ckpt DIR],
 or --random-backbones (offline smoke tests; the numbers are not comparable). `--log_path` takes run
 directories (as the original eval.py): each `val_*` folder is compared with `--reference` or the run's
-`val_reference/`; `all` takes every run directory under `--runs-root`.
+`val_reference/`; `all` takes every run directory under `--runs-root`. `--conformance` checks that clips do what their demo
+captions say (tone notes, chirp directions, …; signal processing, no backbones, no reference) and
+writes DIR.conformance.json (`audioldm_dist/eval/conformance.py`).
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       ".lst of filename|caption lines (default: NAME.json sidecars)")
     parser.add_argument("--recompute", action="store_true",
                         help="with --log_path: redo folders whose metrics JSON exists with the same settings")
+    parser.add_argument("--conformance", action="store_true",
+                        help="with --generated: caption conformance of demo-set clips instead of the metrics")
     parser.add_argument("--config", type=Path, help="YAML with EvalConfig keys (flags override it)")
     weights = parser.add_argument_group("backbone weights (never downloaded)")
     weights.add_argument("--panns-ckpt", help="PANNs Cnn14_16k_mAP=0.438.pth (FD, KL, IS)")
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.conformance:  # signal processing only: no backbones to configure
+            return _conformance(args)
         config = load_eval_config(args.config, {
             "panns_ckpt": args.panns_ckpt, "vggish_ckpt": args.vggish_ckpt, "clap_ckpt": args.clap_ckpt,
             "random_backbones": args.random_backbones, "trust_checkpoints": args.trust_checkpoints,
@@ -78,6 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"eval: error: {error}", file=sys.stderr)
         return 2
+
+
+def _conformance(args) -> int:
+    from audioldm_dist.eval.conformance import conformance_path, markdown, score_folder
+    from audioldm_dist.eval.files import list_clips, read_captions_file, sidecar_captions
+
+    if args.generated is None:
+        raise ValueError("--conformance needs --generated DIR")
+    captions = read_captions_file(args.captions) if args.captions else sidecar_captions(list_clips(args.generated))
+    result = score_folder(args.generated, captions=captions)
+    print(f"# Caption conformance of {args.generated}\n\n" + markdown(result["conformance"]), end="")
+    print(f"eval: conformance in {conformance_path(args.generated)}")
+    return 0
 
 
 def _evaluate_folder(config, args) -> int:
