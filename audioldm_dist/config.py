@@ -121,6 +121,10 @@ class VAEConfig:
     """Training steps (optimizer steps = batches without accumulation) before the discriminator and the
     adversarial term start. The original's `disc_start: 50001` counts Lightning's global_step, which
     advances twice per batch (two optimizers): ours = original // 2 (`original_config` converts it)."""
+    reload_from_ckpt: str = ""
+    """The first stage's weights, as the original's `first_stage_config.params.reload_from_ckpt`: a VAE run's
+    export (`train.target=vae`, then `python -m audioldm_dist.export`) or any AudioLDM checkpoint; only its
+    `first_stage_model.*` (the VAE) is read, before `--reload_from_ckpt`. The two-stage recipe of the demo."""
     lpips_weights: str = ""
     """The LPIPS VGG16 weights file (`python -m audioldm_dist.models.lpips` writes it); needed for target=vae."""
     lpips_random_init: bool = False

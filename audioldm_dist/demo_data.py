@@ -8,7 +8,8 @@
     OUT_DIR/metadata/demo/class_labels_indices.csv
 
 Paths in `dataset_root.json` are relative to its own folder, so the data works from any directory.
-Everything is a pure function of the seed: the same seed writes the same files.
+Kinds take turns (tone, chirp, noise, rhythm, chord, siren), so every split holds each in equal shares;
+everything else is drawn from the seed: the same seed writes the same files.
 """
 from __future__ import annotations
 
@@ -122,9 +123,10 @@ def _siren(t: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarray
 GENERATORS = {"tone": _tone, "chirp": _chirp, "noise": _noise, "rhythm": _rhythm, "chord": _chord, "siren": _siren}
 
 
-def make_clip(rng: np.random.Generator) -> dict:
-    """One clip: samples `(frames, channels)`, its rate, format, captions and label mids."""
-    kind = str(rng.choice(list(GENERATORS)))
+def make_clip(rng: np.random.Generator, kind: str | None = None) -> dict:
+    """One clip of `kind` (default: drawn at random): samples `(frames, channels)`, its rate, format, captions
+    and label mids."""
+    kind = kind or str(rng.choice(list(GENERATORS)))
     sample_rate = int(rng.choice(SAMPLE_RATES))
     duration = float(rng.uniform(1.5, 5.0))
     t = np.arange(int(sample_rate * duration)) / sample_rate
@@ -164,8 +166,9 @@ def write_demo_dataset(out_dir: str | Path, *, num_clips: int = 240, seed: int =
     num_test = max(1, round(num_clips * SPLIT_FRACTIONS["test"]))
     split_of = ["train"] * (num_clips - num_val - num_test) + ["val"] * num_val + ["test"] * num_test
     records: dict[str, list[dict]] = {split: [] for split in SPLIT_FRACTIONS}
+    kinds = list(GENERATORS)
     for clip_index, split in enumerate(split_of):
-        clip = make_clip(rng)
+        clip = make_clip(rng, kinds[clip_index % len(kinds)])  # every split has each kind in equal shares
         relative = f"{split}/{clip_index:05d}_{clip['kind']}.{clip['format']}"
         audio_path = out_dir / "audio" / relative
         audio_path.parent.mkdir(parents=True, exist_ok=True)

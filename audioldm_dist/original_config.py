@@ -74,6 +74,7 @@ _SCALARS = [
     ("{vae}.ddconfig.in_channels", "vae", "in_channels"),
     ("{vae}.ddconfig.out_ch", "vae", "out_ch"),
     ("{vae}.ddconfig.double_z", "vae", "double_z"),
+    ("{vae}.reload_from_ckpt", "vae", "reload_from_ckpt"),
     ("{vae}.lossconfig.params.kl_weight", "vae", "kl_weight"),
     ("{vae}.lossconfig.params.disc_weight", "vae", "disc_weight"),
     ("{vae}.lossconfig.params.perceptual_weight", "vae", "perceptual_weight"),

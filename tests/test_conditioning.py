@@ -246,3 +246,16 @@ def test_check_checkpoint_of_a_released_layout_matches_every_part_offline(tmp_pa
         assert int(matched) > 0 and (missing, unexpected, shape_errors) == ("0", "0", "0"), (part, result.stdout)
     assert rows["conditioner"][0] == "447" and rows["conditioner"][4] == "20"
     assert rows["vocoder"][0] == "291"  # 97 weights as weight_g + weight_v, and the biases
+
+
+def test_word_tokenizer_knows_every_word_of_its_captions_whatever_the_case() -> None:
+    """The vocabulary was fitted lower-cased while text was encoded as written: "A4", "Hz" became <unk>, and
+    captions that differ only there (the demo's notes) looked alike to a random_init encoder."""
+    from audioldm_dist.models.conditioners import build_word_tokenizer
+
+    captions = ["A steady sine wave tone at 440 Hz, the note A4", "A steady sine wave tone at 220 Hz, the note A3"]
+    tokenizer = build_word_tokenizer(captions, max_length=32)
+    for caption in captions:
+        assert tokenizer.unk_token not in tokenizer.tokenize(caption), tokenizer.tokenize(caption)
+    assert tokenizer(captions[0])["input_ids"] != tokenizer(captions[1])["input_ids"]
+    assert tokenizer.tokenize("A DOG") == ["a", "<unk>"]

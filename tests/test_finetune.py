@@ -99,3 +99,26 @@ def test_finetuning_a_released_layout_keeps_scale_vocoder_and_clap(train_shards:
     for part, part_report in report.parts.items():
         assert not part_report.missing and not part_report.unexpected and not part_report.mismatched, (
             part, part_report.missing[:5], part_report.unexpected[:5])
+
+
+def test_vae_reload_from_ckpt_reads_the_first_stage_only(tmp_path: Path) -> None:
+    """The two-stage recipe: a VAE run's export (any UNet in it, here of another width) gives the LDM stage its
+    VAE and nothing else, as the original's first_stage_config reload_from_ckpt."""
+    from audioldm_dist.engine.trainer import build_model_with_weights
+
+    torch.manual_seed(5)
+    stage1 = AudioLDM(load_config(ROOT / "configs" / "tiny.yaml", ["unet.model_channels=64"]))
+    state = {f"model.diffusion_model.{k}": v for k, v in stage1.unet.state_dict().items()}
+    state |= {f"first_stage_model.{k}": v for k, v in stage1.vae.state_dict().items() if k != "scale_factor"}
+    state["scale_factor"] = torch.tensor(1.0)
+    torch.save({"state_dict": state}, tmp_path / "vae.ckpt")
+
+    config = load_config(ROOT / "configs" / "tiny.yaml", [f"vae.reload_from_ckpt={tmp_path / 'vae.ckpt'}"])
+    torch.manual_seed(0)
+    fresh_unet = AudioLDM(config).unet.state_dict()
+    torch.manual_seed(0)
+    model, report = build_model_with_weights(config, captions=None, reload_from_ckpt=None, resuming=False)
+    assert report is None
+    for key, value in stage1.vae.state_dict().items():
+        assert torch.equal(model.vae.state_dict()[key], value), key
+    assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in fresh_unet.items())  # not the 64-wide one

@@ -41,15 +41,18 @@ class MetricsLogger:
         if "loss" in metrics:
             self.bar.set_postfix_str(f"loss {metrics['loss']:.4f} lr {metrics['lr']:.2e}", refresh=False)
 
-    def log_samples(self, step: int, wav_paths: list[Path], *, sample_rate: int) -> None:
-        """Validation samples (wav + its spectrogram PNG beside it) to wandb; the files stay in the run."""
+    def log_samples(self, step: int, wav_paths: list[Path], *, captions: list[str], sample_rate: int) -> None:
+        """Validation samples (wav + its spectrogram PNG beside it, with their captions) to wandb, the same
+        audio and pictures as the run report; the files stay in the run."""
         if not self.enabled or self.wandb_run is None or not wav_paths:
             return
         import wandb
 
         self._to_wandb(lambda run: run.log(
-            {"val/audio": [wandb.Audio(str(p), sample_rate=sample_rate, caption=p.stem) for p in wav_paths],
-             "val/spectrogram": [wandb.Image(str(p.with_suffix(".png")), caption=p.stem) for p in wav_paths]},
+            {"val/audio": [wandb.Audio(str(p), sample_rate=sample_rate, caption=f"{p.stem}: {c}")
+                           for p, c in zip(wav_paths, captions)],
+             "val/spectrogram": [wandb.Image(str(p.with_suffix(".png")), caption=f"{p.stem}: {c}")
+                                 for p, c in zip(wav_paths, captions)]},
             step=step), step)
 
     def _to_wandb(self, call, step: int | None) -> None:

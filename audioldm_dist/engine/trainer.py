@@ -128,6 +128,9 @@ def build_model_with_weights(config: Config, *, captions: list[str] | None, relo
     from audioldm_dist.pretrained import load_conditioner_unless_supplied, load_pretrained
 
     model = AudioLDM(config, captions=captions, load_conditioner_weights=False)
+    if config.vae.reload_from_ckpt:  # the first stage alone, as the original's first_stage_config (autoencoder.py)
+        log.info("vae.reload_from_ckpt: the VAE from %s", config.vae.reload_from_ckpt)
+        load_pretrained(model, config.vae.reload_from_ckpt, parts=("vae",))
     report = load_pretrained(model, reload_from_ckpt) if reload_from_ckpt else None
     load_conditioner_unless_supplied(model, report, checkpoint=reload_from_ckpt)
     model.conditional_dry_run_finished = resuming
@@ -325,7 +328,8 @@ def _validate(validator, model, engine, ema: EMA, logger: MetricsLogger, *, step
     started = time.perf_counter()
     val_loss = validator.loss(engine)
     paths = validator.write_samples(model, ema, step=step)
-    logger.log_samples(step, paths, sample_rate=model.config.audio.sampling_rate)
+    logger.log_samples(step, paths, captions=[prompt.caption for prompt in validator.prompts],
+                       sample_rate=model.config.audio.sampling_rate)
     log.info("step %d: val_loss %.5f, %d samples in %s", step, val_loss, len(paths),
              paths[0].parent if paths else "-")
     return {"val_loss": val_loss, "val_seconds": time.perf_counter() - started}

@@ -6,11 +6,15 @@ the model being judged cannot fool it), and reported per kind next to its chance
 
 | check           | caption says                         | measured                                              | chance |
 |-----------------|--------------------------------------|-------------------------------------------------------|--------|
-| tone note       | "... at 440 Hz, the note A4"         | strongest frequency in 150–1000 Hz → nearest demo note | 1/7    |
+| tone note       | "... at 440 Hz, the note A4"         | the demo note whose partials 1–3 hold the most energy  | 1/7    |
 | tone wave       | "A steady sine/square wave tone"     | 3rd-harmonic to fundamental energy above −20 dB       | 1/2    |
 | chirp direction | "A rising/falling chirp ..."         | sign of the slope of log peak frequency over time     | 1/2    |
 | click pitch     | "... with 800 Hz clicks"             | strongest frequency in 100–2000 Hz → nearest click     | 1/3    |
 | noise colour    | "bursts of white/low rumbling noise" | spectral centroid above/below 1500 Hz                 | 1/2    |
+
+The tone's note is its pitch, which for a square wave (or a blurred one) is not always the strongest
+partial: each demo note is scored by the energy within half a semitone of its first three partials,
+weighted 1, 1/2, 1/3 (so a note an octave below does not win on its 2nd partial), and the best wins.
 
 Chance holds for a model that ignores its captions when the captions are balanced over the choices
 (the demo draws them uniformly): the measured choice is then independent of the expected one.
@@ -36,6 +40,7 @@ HOP = 256
 ACTIVE_FRACTION = 0.1
 """Frames louder than this fraction of the loudest frame's energy take part in chirp direction."""
 SQUARE_HARMONIC_DB = -20.0
+HALF_SEMITONE = 2 ** (1 / 24) - 1
 NOISE_CENTROID_HZ = 1500.0
 
 
@@ -90,6 +95,15 @@ def _peak_hz(spectrum: np.ndarray, freqs: np.ndarray, low: float, high: float) -
     return float((freqs[window] * weights).sum() / max(weights.sum(), 1e-20))
 
 
+def _best_note(power: np.ndarray, freqs: np.ndarray) -> str:
+    """The demo note whose harmonic series (partials 1–3, weights 1, 1/2, 1/3) holds the most energy."""
+    def energy(hz: float) -> float:
+        return float(power[np.abs(freqs - hz) <= hz * HALF_SEMITONE].sum())
+
+    scores = {name: sum(energy(k * hz) / k for k in (1, 2, 3)) for hz, name in NOTE_NAMES.items()}
+    return max(scores, key=scores.get)
+
+
 def _nearest(hz: float, choices: dict[str, float]) -> str:
     return min(choices, key=lambda name: abs(math.log2(max(hz, 1e-3) / choices[name])))
 
@@ -99,7 +113,7 @@ def measure(kind: str, waveform: np.ndarray) -> str:
     spec, freqs = _spectrogram(waveform)
     mean = spec.mean(axis=0)
     if kind == "tone note":
-        return _nearest(_peak_hz(mean, freqs, 150.0, 1000.0), {name: hz for hz, name in NOTE_NAMES.items()})
+        return _best_note(mean ** 2, freqs)
     if kind == "tone wave":
         fundamental = _peak_hz(mean, freqs, 150.0, 1000.0)
         energy = lambda hz: float((mean[np.abs(freqs - hz) <= 20.0] ** 2).sum())  # noqa: E731

@@ -60,13 +60,14 @@ class Condition:
 
 def build_word_tokenizer(captions: list[str], *, max_length: int):
     """A small word-level tokenizer over `captions` (offline stand-in for RoBERTa / T5 tokenizers)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    # Lower-cased when the vocabulary is fitted and when text is encoded alike: "A4" and "Hz" are words, not <unk>.
+    tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator([caption.lower() for caption in captions],
-                                  trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
+    tokenizer.train_from_iterator(captions, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS))
     # Every text, the empty caption included, becomes at least "<s> </s>", as RoBERTa's tokenizer does.
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", special_tokens=[(token, tokenizer.token_to_id(token)) for token in ("<s>", "</s>")])

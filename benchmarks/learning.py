@@ -1,0 +1,110 @@
+"""Does it learn? Trains the demo from scratch and prints caption conformance and validation loss against
+minutes of training, so a change that breaks learning shows up as numbers.
+
+    python benchmarks/learning.py [--out DIR] [--val-every 100] [--reuse]
+
+Runs `scripts/demo.sh DIR` (both stages on 2 CPU ranks, the VAE then the latent diffusion model) with
+validation every `--val-every` LDM steps, then, for every validation step, scores the EMA samples of the
+val captions with the conformance metric (`python -m audioldm_dist.eval --conformance`) beside the
+validation loss, and finally the test-caption samples. Minutes are LDM training time: the sum of the
+logged step times up to that step (start-up, validation and checkpoints left out); the VAE's
+minutes are printed apart. Prints a markdown table, writes DIR/learning.png, then one JSON line.
+`--reuse` analyses an existing DIR without training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from audioldm_dist.eval.conformance import score_folder  # noqa: E402
+from audioldm_dist.eval.files import list_clips, sidecar_captions  # noqa: E402
+from audioldm_dist.eval.runs import step_of, validation_folders  # noqa: E402
+
+KINDS = ("tone note", "chirp direction")
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def minutes_at(records: list[dict], step: int) -> float:
+    return sum(r["step_seconds"] for r in records if r["step"] <= step) / 60
+
+
+def accuracy(folder: Path) -> dict[str, float | None]:
+    table = score_folder(folder, captions=sidecar_captions(list_clips(folder)))["conformance"]
+    return {kind: table[kind]["accuracy"] if kind in table else None for kind in KINDS}
+
+
+def rows_for(out: Path) -> list[dict]:
+    run = out / "run"
+    records = read_records(run)
+    val_loss = {r["step"]: r["val_loss"] for r in records if r.get("val_loss") is not None}
+    rows = []
+    for folder in validation_folders(run):
+        step = step_of(folder)
+        rows.append({"step": step, "minutes": round(minutes_at(records, step), 2), "val_loss": val_loss.get(step),
+                     **accuracy(folder)})
+    return rows
+
+
+def cell(value) -> str:
+    return "–" if value is None else f"{value:.0%}" if isinstance(value, float) and value <= 1 else str(value)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 3.6))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    minutes = [r["minutes"] for r in rows]
+    for kind, chance in (("tone note", 1 / 7), ("chirp direction", 1 / 2)):
+        line, = axes.plot(minutes, [r[kind] for r in rows], marker="o", label=f"{kind} (chance {chance:.0%})")
+        axes.axhline(chance, color=line.get_color(), linestyle=":", linewidth=1)
+    axes.set_xlabel("minutes of LDM training (2 CPU ranks)")
+    axes.set_ylabel("conformance of val samples")
+    axes.set_ylim(0, 1.05)
+    loss_axes = axes.twinx()
+    loss_axes.plot(minutes, [r["val_loss"] for r in rows], color="black", linestyle="--", label="val loss")
+    loss_axes.set_ylabel("validation loss (dashed)")
+    axes.legend(loc="center right", fontsize=8)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench_learning"))
+    parser.add_argument("--val-every", type=int, default=100)
+    parser.add_argument("--reuse", action="store_true", help="analyse an existing --out without training")
+    args = parser.parse_args()
+    if not args.reuse:
+        env = {**os.environ, "DEMO_VAL_EVERY": str(args.val_every), "DEMO_VAL_SAMPLES": "48"}  # every val clip
+        subprocess.run(["bash", str(ROOT / "scripts/demo.sh"), str(args.out)], check=True, env=env, cwd=ROOT)
+    rows = rows_for(args.out)
+    vae_minutes = minutes_at(read_records(args.out / "vae"), 10**9)
+    test = accuracy(args.out / "samples")
+    print(f"## Learning on the demo set (VAE stage: {vae_minutes:.1f} min before these)\n")
+    print("| LDM step | minutes | val loss | tone note (chance 14%) | chirp direction (chance 50%) |")
+    print("|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row['step']} | {row['minutes']:.1f} | {row['val_loss']:.4f} | {cell(row['tone note'])} | "
+              f"{cell(row['chirp direction'])} |")
+    print(f"| test captions (final) | | | {cell(test['tone note'])} | {cell(test['chirp direction'])} |\n")
+    plot(rows, args.out / "learning.png")
+    print(f"plot: {args.out / 'learning.png'}")
+    print(json.dumps({"benchmark": "learning", "vae_minutes": round(vae_minutes, 2), "validation": rows,
+                      "test": test}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
