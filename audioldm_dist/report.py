@@ -20,6 +20,7 @@ import html
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,7 +49,6 @@ class Page:
     def __init__(self, out: Path, audio: AudioConfig) -> None:
         self.out = out
         self.audio = audio
-        self.mel = MelFeatures(audio)
         self.parts: list[str] = []
 
     def add(self, text: str) -> None:
@@ -60,8 +60,9 @@ class Page:
     def clip_card(self, path: Path, caption: str, extra: str = "") -> str:
         waveform, rate = load_mono(path, min_seconds=0.0)
         waveform = to_rate(waveform, sample_rate=rate, target=self.audio.sampling_rate)
-        log_mel = self.mel.batch(torch.from_numpy(waveform))[0][0]
-        png = spectrogram_png(log_mel, audio=self.audio, mel_basis=self.mel.mel_basis, title=caption)
+        whole = MelFeatures(replace(self.audio, duration=waveform.shape[-1] / self.audio.sampling_rate))
+        log_mel = whole.batch(torch.from_numpy(waveform))[0][0]  # the whole clip, not the training crop
+        png = spectrogram_png(log_mel, audio=self.audio, mel_basis=whole.mel_basis, title=caption)
         source = html.escape(Path(os.path.relpath(path.resolve(), self.out.parent.resolve())).as_posix())
         return (f'<div class="card"><b>{html.escape(path.stem)}</b> {extra}<br>{self.image(png, caption)}'
                 f'<audio controls preload="none" src="{source}"></audio></div>')
