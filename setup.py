@@ -21,7 +21,6 @@ setup(
         "wandb>=0.17",
         "tqdm>=4.66",
         "pyyaml>=6.0",
-        "pillow>=10.0",
         "matplotlib>=3.7",  # spectrogram images (colour, axes, caption) and the run report's plots
     ],
     extras_require={

@@ -48,6 +48,8 @@ class LoadReport:
     ema_num_updates: int | None = None
     """LitEma's `model_ema.num_updates` (sets where the EMA's decay warm-up stands), when the file has it."""
     other: list[str] = field(default_factory=list)
+    not_read: list[str] = field(default_factory=list)
+    """Keys of our parts that the caller did not ask for (`load_pretrained(parts=...)`, e.g. `vae.reload_from_ckpt`)."""
 
     @property
     def ok(self) -> bool:
@@ -62,6 +64,8 @@ class LoadReport:
             lines.append(f"EMA weights of the UNet: {len(self.ema)} tensors")
         if self.other:
             lines.append(f"ignored (no part of ours): {len(self.other)} keys, e.g. {', '.join(self.other[:3])}")
+        if self.not_read:
+            lines.append(f"not read (parts not asked for): {len(self.not_read)} keys, e.g. {', '.join(self.not_read[:3])}")
         for name, report in self.parts.items():
             for key in report.mismatched:
                 lines.append(f"SHAPE ERROR {name}: {key}")
@@ -183,7 +187,7 @@ def map_state_dict(state: dict[str, torch.Tensor], modules: dict[str, nn.Module]
             continue
         part, name = routed
         if part not in expected:
-            report.other.append(key)
+            report.not_read.append(key)
             continue
         if name == "scale_factor" and tensor.dim() == 0 and part == "vae":
             per_part[part][name] = tensor.reshape(())

@@ -122,3 +122,8 @@ def test_vae_reload_from_ckpt_reads_the_first_stage_only(tmp_path: Path) -> None
     for key, value in stage1.vae.state_dict().items():
         assert torch.equal(model.vae.state_dict()[key], value), key
     assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in fresh_unet.items())  # not the 64-wide one
+    from audioldm_dist.pretrained import load_pretrained
+
+    vae_only = load_pretrained(model, tmp_path / "vae.ckpt", parts=("vae",))
+    assert not vae_only.other and all(key.startswith("model.diffusion_model.") for key in vae_only.not_read)
+    assert "not read (parts not asked for)" in vae_only.summary()

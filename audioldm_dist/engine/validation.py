@@ -7,7 +7,8 @@ parameters from all of them. The training RNGs are not touched, so resumed runs 
 
 Samples: rank 0 generates for the first `train.val_num_samples` val items with the EMA weights (a
 plain UNet copy, so ZeRO-3's partitioning does not matter) and writes `RUN_DIR/val_stepNNNNNNN/KEY.wav`,
-`KEY.png` (its log-mel in colour, axes in s and Hz, the caption as title) and `KEY.json` (caption, step: the sidecar `infer` writes too). The real clips,
+`KEY.png` (its log-mel in colour, axes in s and Hz, the caption as title; `plots.py`) and `KEY.json`
+(caption, step: the sidecar `infer` writes too). The real clips,
 cropped and resampled as the model hears them, go once to `RUN_DIR/val_reference/KEY.wav`, so
 `python -m audioldm_dist.eval --log_path RUN_DIR` compares every validation folder with them.
 """
