@@ -261,3 +261,20 @@ def test_waveform_only_batches_give_the_same_features_on_the_trainer_side(train_
     log_mel, stft = MelFeatures(AUDIO).batch(lean["waveform"])
     assert torch.allclose(log_mel, full["log_mel_spec"], atol=1e-5)
     assert torch.allclose(stft, full["stft"], atol=1e-4)
+
+
+def test_loader_workers_left_running_are_ended_before_exit(train_shards: Path) -> None:
+    """A loader iterator kept alive by a reference cycle keeps its workers, which ignore SIGTERM: Python's exit
+    hook (terminate, then join) would wait on them forever. end_loader_workers() leaves no worker behind."""
+    import multiprocessing
+
+    from audioldm_dist.data.stream import end_loader_workers
+
+    batches = iter(make_loader(_stream(train_shards, num_workers=2)))
+    next(batches)
+    holder: dict = {"batches": batches}
+    holder["self"] = holder  # a cycle: only the garbage collector frees it
+    del batches, holder
+    assert multiprocessing.active_children()
+    end_loader_workers()
+    assert not multiprocessing.active_children()

@@ -13,8 +13,10 @@ stops with an error only when the failed fraction exceeds `max_failed_fraction`.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
+import multiprocessing
 import multiprocessing.forkserver
 import signal
 import tarfile
@@ -370,6 +372,21 @@ def _start_forkserver_ignoring_job_signals() -> None:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def end_loader_workers() -> int:
+    """Ends every loader worker this process still has; returns how many had to be killed.
+
+    The workers ignore SIGTERM (`JOB_SIGNALS`), so one whose iterator is still alive when Python exits (kept by
+    a reference cycle until the final collection) would make multiprocessing's exit hook, which terminates
+    and then joins it, wait forever: a rank that finished its work would hang. Collecting first lets such an
+    iterator shut its workers down cleanly; what is left is killed."""
+    gc.collect()
+    left = [child for child in multiprocessing.active_children() if child.is_alive()]
+    for child in left:
+        child.kill()
+        child.join(timeout=10)
+    return len(left)
 
 
 def make_loader(stream: ShardStream, *, prefetch_factor: int = 2) -> DataLoader:

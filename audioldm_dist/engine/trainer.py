@@ -23,7 +23,7 @@ from torch import nn
 
 from audioldm_dist.config import Config, load_config, to_dict
 from audioldm_dist.data.sources import resolve_specs
-from audioldm_dist.data.stream import ShardStream, StreamOptions, StreamTracker, make_loader
+from audioldm_dist.data.stream import ShardStream, StreamOptions, StreamTracker, end_loader_workers, make_loader
 from audioldm_dist.data.stream_plan import StreamState
 from audioldm_dist.diffusion.ema import EMA
 from audioldm_dist.engine import checkpoint
@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as error:  # noqa: BLE001 — every failure ends the job: guard.fail never returns
         guard.fail(error)
     with guard.phase("shutdown"):
+        killed = end_loader_workers()  # else Python's exit hook may wait forever on a worker (stream.py)
+        if killed:
+            log.warning("rank %d: %d loader worker(s) still running after training; killed", env.rank, killed)
         destroy_process_group()
     guard.close()
     if stop.stopped_early:
