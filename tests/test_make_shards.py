@@ -133,7 +133,9 @@ def test_bad_files_are_skipped_counted_and_listed(demo_copy: Path, tmp_path: Pat
     entries = DatasetRoot.load(demo_copy).entries("demo", "train")
     entries[0].audio_path.unlink()  # missing
     entries[1].audio_path.write_bytes(b"")  # empty
-    entries[2].audio_path.write_bytes(entries[2].audio_path.read_bytes()[:300])  # truncated: corrupt data
+    # truncated: corrupt data (a FLAC: a truncated WAV is only a shorter clip)
+    flac = next(i for i, entry in enumerate(entries) if i > 4 and entry.audio_path.suffix == ".flac")
+    entries[flac].audio_path.write_bytes(entries[flac].audio_path.read_bytes()[:300])
     soundfile.write(str(entries[3].audio_path), np.zeros((50, 1), np.float32), 16000,
                     format=entries[3].audio_path.suffix[1:].upper())  # too short
     (entries[4].audio_path).write_bytes(b"RIFF not really a wav file at all" * 10)  # garbage header
@@ -149,7 +151,7 @@ def test_bad_files_are_skipped_counted_and_listed(demo_copy: Path, tmp_path: Pat
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     reasons = {failure["index"]: failure["reason"] for failure in failures}
     assert reasons[0] == "missing" and reasons[1] == "empty" and reasons[3] == "too_short"
-    assert reasons[2] in {"corrupt", "unreadable"} and reasons[4] in {"corrupt", "unreadable"}
+    assert reasons[flac] in {"corrupt", "unreadable"} and reasons[4] in {"corrupt", "unreadable"}
     assert len(failures) == 5
     manifest = Manifest.load(out)
     assert manifest.num_failed == 5 and manifest.num_samples == 27
