@@ -85,14 +85,15 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _read_records(run_dir: Path) -> list[dict]:
+def read_records(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records (empty before the first step)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _summary_section(page: Page, run_dir: Path, records: list[dict]) -> None:
+def _summary_section(page: Page, records: list[dict]) -> None:
     page.add("<h2>Training</h2>")
     if not records:
         page.add("<p>No metrics.jsonl yet.</p>")
@@ -165,8 +166,8 @@ def write_report(run_dir: Path, *, samples: Path | None = None, out: Path | None
     raw_config = json.loads((run_dir / "config.json").read_text())
     out = out or run_dir / REPORT_NAME
     page = Page(out, from_dict(AudioConfig, raw_config["audio"], where=f"{run_dir}/config.json:audio"))
-    records = _read_records(run_dir)
-    _summary_section(page, run_dir, records)
+    records = read_records(run_dir)
+    _summary_section(page, records)
     if samples is not None:
         _samples_section(page, samples)
     _validation_section(page, run_dir)

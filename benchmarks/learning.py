@@ -26,12 +26,9 @@ sys.path.insert(0, str(ROOT))
 from audioldm_dist.eval.conformance import score_folder  # noqa: E402
 from audioldm_dist.eval.files import list_clips, sidecar_captions  # noqa: E402
 from audioldm_dist.eval.runs import step_of, validation_folders  # noqa: E402
+from audioldm_dist.report import read_records  # noqa: E402
 
 KINDS = ("tone note", "chirp direction")
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def minutes_at(records: list[dict], step: int) -> float:
