@@ -118,3 +118,7 @@ def test_eval_cli_conformance_mode(tmp_path, capsys):
     soundfile.write(bare / "c.wav", tone(300.0), RATE)  # no sidecar: nothing to check against
     assert eval_main(["--conformance", "--generated", str(bare)]) == 2
     assert "no clip has a caption" in capsys.readouterr().err
+    (bare / "c.json").write_text(json.dumps({"caption": "A steady sine wave tone at 440 Hz, the note A4"}))
+    (bare / "c.wav").write_bytes(b"not audio at all")
+    assert eval_main(["--conformance", "--generated", str(bare)]) == 2
+    assert "cannot score" in capsys.readouterr().err

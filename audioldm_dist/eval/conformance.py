@@ -164,12 +164,16 @@ def conformance_path(folder: Path) -> Path:
 def score_folder(folder: Path, *, captions: dict[str, str]) -> dict:
     """Scores the clips of `folder` that have a caption (resampled to 16 kHz mono) and writes the result
     to `conformance_path(folder)`."""
+    from audioldm_dist.data.audio import AudioDecodeError
     from audioldm_dist.eval.files import list_clips, load_mono, to_rate
 
     clips = {}
     for name, path in list_clips(folder).items():
         if name in captions:
-            waveform, rate = load_mono(path, min_seconds=0.0)
+            try:
+                waveform, rate = load_mono(path, min_seconds=0.0)
+            except AudioDecodeError as error:
+                raise ValueError(f"cannot score {path}: {error}") from None
             clips[name] = (captions[name], to_rate(waveform, sample_rate=rate, target=RATE)[0])
     if not clips:
         raise ValueError(f"{folder}: no clip has a caption (NAME.json sidecars or --captions)")
