@@ -36,7 +36,10 @@ CLASSES = [
     ("/m/demo_low", "Low frequency"),
     ("/m/demo_high", "High frequency"),
 ]
-NOTE_NAMES = {220.0: "A3", 261.63: "C4", 329.63: "E4", 392.0: "G4", 440.0: "A4", 523.25: "C5", 880.0: "A5"}
+NOTE_NAMES = {220.0: "A3", 440.0: "A4", 659.26: "E5", 880.0: "A5", 1318.51: "E6", 1760.0: "A6", 2349.32: "D7"}
+"""The tones' notes: a fifth or an octave apart, so that a small model's log-mel (64 bins over 0-8 kHz, ~47 Hz
+wide below 1 kHz) and its 4× smaller latent hold each on its own rows; the top note's 3rd partial stays below
+7.5 kHz."""
 CLICK_FREQUENCIES = (200.0, 800.0, 1200.0)
 NOISE_COLOURS = ("white", "low rumbling")
 
@@ -104,7 +107,7 @@ def _rhythm(t: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarra
 
 
 def _chord(t: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]:
-    root = float(rng.choice([220.0, 261.63, 392.0]))
+    root = float(rng.choice([220.0, 440.0, 880.0]))
     quality = rng.choice(["major", "minor"])
     third = root * (2 ** ((4 if quality == "major" else 3) / 12))
     fifth = root * 2 ** (7 / 12)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def _no_orphan_runs():
             process.wait()
 
 
-def _launch(run_dir: Path, shards: Path, *, ranks: int = 2, stage: int | str = 2, max_steps: int = 6, save_every: int = 3,
+def _launch(run_dir: Path, shards: Path | str, *, ranks: int = 2, stage: int | str = 2, max_steps: int = 6, save_every: int = 3,
             extra: list[str] = (), wait: bool = True, ds_config: str | None = None):
     command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train.py",
                "--deepspeed_config", ds_config or f"configs/ds/zero{stage}.json", "--config", "configs/tiny.yaml",
@@ -152,6 +153,21 @@ def test_sigterm_on_one_rank_saves_a_complete_checkpoint_and_exits_zero(train_sh
     assert 3 <= step < 500 and max(_losses(run)) == step
     assert "received SIGTERM" in output and "stopped by signal" in output
     assert "wandb stopped working" in output  # and metrics.jsonl went on to the saved step (above)
+
+
+@pytest.mark.slow
+def test_trains_from_a_brace_pattern_of_tars_without_sizes_json(train_shards: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    tars = sorted(train_shards.glob("train-*.tar"))
+    for tar in tars:
+        shutil.copy(tar, bare)
+    run = tmp_path / "run"
+    result = _launch(run, f"{bare}/train-{{000000..{len(tars) - 1:06d}}}.tar", max_steps=3, save_every=3)
+    assert "counting their samples from the tar headers" in result.stdout
+    assert sorted(_losses(run)) == [1, 2, 3] and _latest_is_complete(run) == 3
+    manifest = json.loads((train_shards / "manifest.json").read_text())
+    assert json.loads((bare / "sizes.json").read_text()) == {s["name"]: s["num_samples"] for s in manifest["shards"]}
 
 
 @pytest.mark.slow

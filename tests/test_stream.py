@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -227,8 +229,6 @@ def test_brace_patterns_and_pipe_urls_read_the_same_samples(train_shards: Path) 
     for spec in (pattern, piped):
         stream = ShardStream(resolve_specs([spec]), audio=AUDIO, options=StreamOptions(batch_size=4, max_epochs=1))
         assert _keys(stream) == from_folder
-    with pytest.raises(ValueError, match="needs ::sizes=PATH"):
-        resolve_specs([f"pipe:cat {pattern}"])
     with pytest.raises(ValueError, match="no manifest.json"):
         resolve_specs([str(train_shards.parent)])
 
@@ -278,3 +278,38 @@ def test_loader_workers_left_running_are_ended_before_exit(train_shards: Path) -
     assert multiprocessing.active_children()
     end_loader_workers()
     assert not multiprocessing.active_children()
+
+
+def test_tars_without_sizes_json_are_counted_from_their_headers_once_and_cached(train_shards: Path,
+                                                                                tmp_path: Path, caplog,
+                                                                                monkeypatch) -> None:
+    expected = resolve_specs([str(train_shards)])  # the make-shards manifest's counts
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for shard in expected:
+        shutil.copy(shard.url, bare)
+    pattern = str(bare / f"train-{{000000..{len(expected) - 1:06d}}}.tar")
+    with caplog.at_level(logging.WARNING, logger="audioldm_dist.data.tar_counts"):
+        counted = resolve_specs([pattern], cache_dir=tmp_path / "run")
+    assert [s.num_samples for s in counted] == [s.num_samples for s in expected]
+    assert "counting their samples from the tar headers" in caplog.text
+    assert json.loads((bare / "sizes.json").read_text()) == {Path(s.url).name: s.num_samples for s in expected}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="audioldm_dist.data.tar_counts"):
+        assert resolve_specs([pattern]) == counted  # read from the cache: not counted again
+    assert not caplog.text
+    # a folder that cannot be written (faked: the tests may run as root): the counts go to the run
+    # directory; a pipe: is streamed once
+    (bare / "sizes.json").unlink()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != bare and real_access(path, mode))
+    for spec in (pattern, f"pipe:cat {pattern}"):
+        assert [s.num_samples for s in resolve_specs([spec], cache_dir=tmp_path / "run")] == \
+            [s.num_samples for s in expected]
+    assert not (bare / "sizes.json").exists()
+    assert len(list((tmp_path / "run" / "tar_counts").glob("sizes-*.json"))) == 2
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "train-000000.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(ValueError, match="train-000000.tar: cannot count its samples"):
+        resolve_specs([str(broken / "train-000000.tar")])

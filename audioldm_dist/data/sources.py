@@ -3,8 +3,9 @@
 A spec is one of
 - a make-shards output folder (its `manifest.json`),
 - a brace pattern of tars, local (`shards/train-{000000..000127}.tar`) or a `pipe:` command
-  (`pipe:aws s3 cp s3://bucket/train-{000000..000127}.tar -`), whose counts come from a
-  `sizes.json` (open_clip's format) next to the local tars, or from `SPEC::sizes=PATH`,
+  (`pipe:aws s3 cp s3://bucket/train-{000000..000127}.tar -`), whose counts come from
+  `SPEC::sizes=PATH`, or a `sizes.json` (open_clip's format) next to the local tars, or, for tars
+  without one, from their headers, counted once and cached (`tar_counts`),
 - a single tar with `::sizes=PATH`.
 Several specs are mixed; `SPEC::weight=W` sets how often each of its shards is read per epoch
 (2.0: twice, 0.5: a seeded half of them each epoch; default 1.0). Counts are needed up front: they
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
+
+from audioldm_dist.data.tar_counts import cache_path, count_and_cache, read_cached
 
 MANIFEST_FILE = "manifest.json"
 SIZES_FILE = "sizes.json"
@@ -41,18 +44,14 @@ def _tar_basename(url: str) -> str:
 
 
 def _load_sizes(path: Path, *, spec: str) -> dict[str, int]:
-    try:
-        sizes = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"data spec {spec!r}: no sample counts: {path} not found (make-shards writes it; "
-                         f"or give SPEC::sizes=PATH)") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: invalid JSON: {error}") from None
-    return {Path(name).name: int(count) for name, count in sizes.items()}
+    if not path.is_file():
+        raise ValueError(f"data spec {spec!r}: no sample counts: {path} not found")
+    return read_cached(path)
 
 
-def resolve_spec(spec: str) -> list[ShardInfo]:
-    """One spec → its shards, in order."""
+def resolve_spec(spec: str, *, cache_dir: Path | None = None) -> list[ShardInfo]:
+    """One spec → its shards, in order. Tars without counts are counted once and cached (`tar_counts`),
+    in `cache_dir` when their own folder is not writable."""
     spec, _, options = spec.partition("::")
     sizes_path = None
     weight = 1.0
@@ -70,10 +69,10 @@ def resolve_spec(spec: str) -> list[ShardInfo]:
         else:
             raise ValueError(f"data spec option {option!r}: expected sizes=PATH or weight=W")
     return [ShardInfo(url=shard.url, num_samples=shard.num_samples, weight=weight)
-            for shard in _resolve_shards(spec, sizes_path)]
+            for shard in _resolve_shards(spec, sizes_path, cache_dir)]
 
 
-def _resolve_shards(spec: str, sizes_path: Path | None) -> list[ShardInfo]:
+def _resolve_shards(spec: str, sizes_path: Path | None, cache_dir: Path | None) -> list[ShardInfo]:
     local = Path(spec)
     if not spec.startswith("pipe:") and local.is_dir():
         manifest_path = local / MANIFEST_FILE
@@ -87,25 +86,25 @@ def _resolve_shards(spec: str, sizes_path: Path | None) -> list[ShardInfo]:
     if not spec.startswith("pipe:") and not Path(urls[0]).exists():
         raise ValueError(f"data spec {spec!r}: {urls[0]} not found (expected a make-shards folder, a tar, or a "
                          f"brace pattern of tars)")
-    if sizes_path is None:
-        if spec.startswith("pipe:"):
-            raise ValueError(f"data spec {spec!r}: a pipe: pattern needs ::sizes=PATH for its sample counts")
-        sizes_path = Path(urls[0]).parent / SIZES_FILE
-    sizes = _load_sizes(sizes_path, spec=spec)
-    shards = []
-    for url in urls:
-        name = _tar_basename(url)
-        if name not in sizes:
-            raise ValueError(f"data spec {spec!r}: {name} has no count in {sizes_path}")
-        shards.append(ShardInfo(url=url, num_samples=sizes[name]))
-    return shards
+    named = {_tar_basename(url): url for url in urls}
+    if sizes_path is not None:  # counts given: they must cover every tar
+        sizes = _load_sizes(sizes_path, spec=spec)
+        for name in named:
+            if name not in sizes:
+                raise ValueError(f"data spec {spec!r}: {name} has no count in {sizes_path}")
+    else:
+        beside = None if spec.startswith("pipe:") else Path(urls[0]).parent
+        found = beside / SIZES_FILE if beside is not None else None
+        cache = cache_path(spec, beside=beside, cache_dir=cache_dir)
+        sizes = count_and_cache(spec, named, known={**read_cached(found), **read_cached(cache)}, path=cache)
+    return [ShardInfo(url=url, num_samples=sizes[_tar_basename(url)]) for url in urls]
 
 
-def resolve_specs(specs: list[str] | str) -> list[ShardInfo]:
+def resolve_specs(specs: list[str] | str, *, cache_dir: Path | None = None) -> list[ShardInfo]:
     specs = [specs] if isinstance(specs, str) else specs
     if not specs:
         raise ValueError("no data given: pass a make-shards folder, a brace pattern, or several")
-    return [shard for spec in specs for shard in resolve_spec(spec)]
+    return [shard for spec in specs for shard in resolve_spec(spec, cache_dir=cache_dir)]
 
 
 def shards_fingerprint(shards: list[ShardInfo]) -> str:

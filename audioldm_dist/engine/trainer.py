@@ -160,7 +160,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
         ds["checkpoint"] = {"load_universal": True}
     if not config.train.train_data:
         raise ValueError("no training data: pass --train-data (a make-shards folder) or set train.train_data")
-    shards = resolve_specs(config.train.train_data)
+    shards = resolve_specs(config.train.train_data, cache_dir=run_dir)
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     captions = None
@@ -231,7 +231,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
     if config.train.val_data:
         from audioldm_dist.engine.validation import Validator
 
-        validator = Validator(resolve_specs(config.train.val_data), config=config, objective=objective,
+        validator = Validator(resolve_specs(config.train.val_data, cache_dir=run_dir), config=config, objective=objective,
                               rank=env.rank, world_size=env.world_size, run_dir=run_dir)
     model.train()
     failed = False

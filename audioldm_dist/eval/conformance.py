@@ -115,7 +115,7 @@ def measure(kind: str, waveform: np.ndarray) -> str:
     if kind == "tone note":
         return _best_note(mean ** 2, freqs)
     if kind == "tone wave":
-        fundamental = _peak_hz(mean, freqs, 150.0, 1000.0)
+        fundamental = _peak_hz(mean, freqs, 150.0, 3000.0)
         energy = lambda hz: float((mean[np.abs(freqs - hz) <= 20.0] ** 2).sum())  # noqa: E731
         ratio_db = 10 * math.log10(max(energy(3 * fundamental), 1e-20) / max(energy(fundamental), 1e-20))
         return "square" if ratio_db > SQUARE_HARMONIC_DB else "sine"
