@@ -55,15 +55,25 @@ class AudioConfig:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Which datasets to read, in the original `metadata_root` / `data` form."""
+    """Every setting of the streaming loader (`audioldm_dist/data/stream.py`); `train.py --train-data /
+    --val-data` set `train` / `val`. Shards are made with `make-shards` from the original's
+    `metadata_root` / dataset names."""
 
-    metadata_root: str = "./data/dataset/metadata/dataset_root.json"
-    """The `dataset_root.json` that registers every dataset."""
-    train: list[str] = field(default_factory=lambda: ["audiocaps"])
-    val: str = "audiocaps"
-    test: str = "audiocaps"
-    class_label_indices: str = "audioset_eval_subset"
-    """Dataset whose `class_labels_indices.csv` defines the label vector."""
+    train: list[str] = field(default_factory=list)
+    """Training shards: make-shards folders, brace patterns of tars (SPEC::sizes=PATH, SPEC::weight=W)."""
+    val: list[str] = field(default_factory=list)
+    """Validation shards (as `train`); empty: no validation."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: read in the training process)."""
+    shuffle_buffer: int = 256
+    """Samples in each consumer's shuffle buffer (0: no sample shuffling; shards are still permuted)."""
+    features_in_loader: bool | None = None
+    """STFT and log-mel in the loader workers (true) or on the trainer's device (false); null: on the trainer
+    when it is a GPU, else in the loader."""
+    max_failed_fraction: float = 0.05
+    """Undecodable samples are skipped and counted; above this fraction of an epoch the run stops."""
+    allow_shard_sharing: bool = False
+    """Allow fewer shards than ranks × workers: consumers then share shards (each reads past the others' part)."""
 
 
 @dataclass(kw_only=True)
@@ -251,16 +261,10 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 1
     seed: int = 0
-    num_workers: int = 2
-    shuffle_buffer: int = 256
-    train_data: list[str] = field(default_factory=list)
-    """make-shards folders, brace patterns (SPEC::sizes=..., SPEC::weight=...)."""
     logger: str = "wandb"
     """wandb (offline unless WANDB_MODE says otherwise) | none; metrics.jsonl is always written."""
     target: str = "ldm"
     """What trains: ldm (the UNet; VAE, conditioner, vocoder frozen) | vae (the autoencoder alone)."""
-    val_data: list[str] = field(default_factory=list)
-    """Validation shards (as train_data); empty: no validation."""
     val_every: int = 500
     """Validate every this many steps (and at the last step)."""
     val_batches: int = 0

@@ -1,6 +1,6 @@
 """Reading the original AudioLDM training YAMLs (e.g. `audioldm_original.yaml`) into our `Config`.
 
-Users bring their experiment files: `preprocessing`, `metadata_root` / `data`, and the
+Users bring their experiment files: `preprocessing`, and the
 `model.params` tree (`unet_config`, `first_stage_config.params.ddconfig`, `cond_stage_config`,
 schedule and evaluation settings) and the training schedule (`step.max_steps`, `base_learning_rate`,
 `warmup_steps`, `batchsize`, checkpoint cadence) map onto our sections. YAML anchors resolve as usual.
@@ -46,17 +46,12 @@ _SCALARS = [
     ("preprocessing.mel.n_mel_channels", "audio", "n_mel_channels"),
     ("preprocessing.mel.mel_fmin", "audio", "mel_fmin"),
     ("preprocessing.mel.mel_fmax", "audio", "mel_fmax"),
-    ("metadata_root", "data", "metadata_root"),
     ("step.max_steps", "train", "max_steps"),
     ("step.save_checkpoint_every_n_steps", "train", "save_every"),
     ("step.save_top_k", "train", "keep_last"),
     ("model.params.base_learning_rate", "train", "learning_rate"),
     ("model.params.warmup_steps", "train", "warmup_steps"),
     ("model.params.batchsize", "train", "micro_batch_size"),
-    ("data.train", "data", "train"),
-    ("data.val", "data", "val"),
-    ("data.test", "data", "test"),
-    ("data.class_label_indices", "data", "class_label_indices"),
     ("model.params.unet_config.params.in_channels", "unet", "in_channels"),
     ("model.params.unet_config.params.out_channels", "unet", "out_channels"),
     ("model.params.unet_config.params.model_channels", "unet", "model_channels"),
@@ -91,6 +86,11 @@ _SCALARS = [
 
 # Why an original key has no counterpart: matched on the full dotted path, then on its last component.
 UNMAPPED_REASONS: dict[str, str] = {
+    "metadata_root": "make-shards --metadata-root reads it; the shards it writes go in data.train / data.val",
+    "data.train": "make-shards --dataset NAME --split train makes shards of it; they go in data.train (--train-data)",
+    "data.val": "make-shards --dataset NAME --split val makes shards of it; they go in data.val (--val-data)",
+    "data.test": "make-shards --dataset NAME --split test; infer/eval read the test captions and clips",
+    "data.class_label_indices": "make-shards reads it from the metadata root (the label vectors are in the shards)",
     "log_directory": "the run directory is train.py --run-dir",
     "project": "the wandb project is WANDB_PROJECT",
     "precision": "the trainer always sets torch.set_float32_matmul_precision('high'), as the original",

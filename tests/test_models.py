@@ -226,7 +226,8 @@ def test_original_yaml_maps_onto_our_config() -> None:
     config, unmapped = read_original_config(ROOT / "tests" / "data" / "audioldm_original.yaml")
     assert isinstance(config, Config)
     assert config.unet == UNetConfig()  # audioldm_original.yaml is AudioLDM-S
-    assert config.audio.duration == 10.24 and config.data.train == ["audiocaps"]
+    assert config.audio.duration == 10.24 and config.data.train == []  # dataset names: make-shards' input
+    assert "make-shards" in unmapped_reason("data.train") and "metadata_root" in unmapped
     # The YAML's embed_mode is overridden at every training step by the text/audio switch: mixed.
     assert config.conditioner.kind == "clap" and config.conditioner.embed_mode == "mixed"
     assert config.conditioner.pretrained == "data/checkpoints/clap_htsat_tiny.pt"

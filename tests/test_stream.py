@@ -313,3 +313,18 @@ def test_tars_without_sizes_json_are_counted_from_their_headers_once_and_cached(
     (broken / "train-000000.tar").write_bytes(b"not a tar" * 100)
     with pytest.raises(ValueError, match="train-000000.tar: cannot count its samples"):
         resolve_specs([str(broken / "train-000000.tar")])
+
+
+def test_the_data_section_sets_the_loader_and_features_go_to_a_gpu_trainer() -> None:
+    from audioldm_dist.config import load_config
+    from audioldm_dist.data.stream import loader_options
+
+    data = load_config(None, ["data.num_workers=3", "data.shuffle_buffer=7", "data.max_failed_fraction=0.2",
+                              "data.allow_shard_sharing=true"]).data
+    options = loader_options(data, device=torch.device("cpu"))
+    assert options == {"num_workers": 3, "shuffle_buffer": 7, "features_in_loader": True,
+                       "max_failed_fraction": 0.2, "allow_shard_sharing": True}
+    assert loader_options(data, device=torch.device("cuda", 0))["features_in_loader"] is False  # the default: auto
+    forced = load_config(None, ["data.features_in_loader=true"]).data
+    assert loader_options(forced, device=torch.device("cuda", 0))["features_in_loader"] is True
+    StreamOptions(batch_size=2, **options)  # every key is a StreamOptions field

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 
-from audioldm_dist.config import AudioConfig
+from audioldm_dist.config import AudioConfig, DataConfig
 from audioldm_dist.data import schema
 from audioldm_dist.data.audio import AudioDecodeError, decode
 from audioldm_dist.data.batch import collate, make_sample, padding_sample
@@ -76,6 +76,14 @@ class StreamOptions:
     def layout(self) -> tuple[int, int, int, int]:
         """What the plan and the reading order depend on: (ranks, readers per rank, batch, buffer)."""
         return (self.world_size, self.consumers_per_rank, self.batch_size, self.shuffle_buffer if self.shuffle else 0)
+
+
+def loader_options(data: DataConfig, *, device: torch.device) -> dict:
+    """The `StreamOptions` fields that the config's `data` section sets (features on the trainer when it
+    is a GPU unless `data.features_in_loader` says otherwise)."""
+    in_loader = data.features_in_loader if data.features_in_loader is not None else device.type == "cpu"
+    return {"num_workers": data.num_workers, "shuffle_buffer": data.shuffle_buffer, "features_in_loader": in_loader,
+            "max_failed_fraction": data.max_failed_fraction, "allow_shard_sharing": data.allow_shard_sharing}
 
 
 class _RateLimitedWarnings:

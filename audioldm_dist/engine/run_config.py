@@ -1,8 +1,8 @@
 """A run directory belongs to one experiment: resuming it with another model or data layout is refused.
 
 Checked by the trainer on start and by `launch/slurm.py` before anything is submitted. Fields that
-may change between restarts of one run (max_steps, save/log/val intervals, workers, logger,
-data paths) are not compared.
+may change between restarts of one run (max_steps, save/log/val intervals, logger, the whole `data`
+section: the stream resumes across a new layout) are not compared.
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 
 from audioldm_dist.config import Config, to_dict
 
-MAY_CHANGE = {"train.max_steps", "train.save_every", "train.keep_last", "train.log_every", "train.num_workers",
-              "train.logger", "train.val_every", "train.val_batches", "train.val_num_samples", "train.val_data",
-              "train.train_data", "train.shuffle_buffer", "data.metadata_root"}
+MAY_CHANGE = {"train.max_steps", "train.save_every", "train.keep_last", "train.log_every", "train.logger",
+              "train.val_every", "train.val_batches", "train.val_num_samples", "data.train", "data.val",
+              "data.num_workers", "data.shuffle_buffer", "data.features_in_loader", "data.max_failed_fraction",
+              "data.allow_shard_sharing"}
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -23,7 +23,8 @@ from torch import nn
 
 from audioldm_dist.config import Config, load_config, to_dict
 from audioldm_dist.data.sources import resolve_specs
-from audioldm_dist.data.stream import ShardStream, StreamOptions, StreamTracker, end_loader_workers, make_loader
+from audioldm_dist.data.stream import (ShardStream, StreamOptions, StreamTracker, end_loader_workers, loader_options,
+                                       make_loader)
 from audioldm_dist.data.stream_plan import StreamState
 from audioldm_dist.diffusion.ema import EMA
 from audioldm_dist.engine import checkpoint
@@ -67,9 +68,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     if args.train_data:
-        overrides.append("train.train_data=" + json.dumps(args.train_data))
+        overrides.append("data.train=" + json.dumps(args.train_data))
     if args.val_data:
-        overrides.append("train.val_data=" + json.dumps(args.val_data))
+        overrides.append("data.val=" + json.dumps(args.val_data))
     return load_config(args.config, overrides)
 
 
@@ -158,9 +159,9 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
                              f"checkpoint is not converted to a universal one)")
         point = checkpoint.universal_for(point, rank=env.rank)
         ds["checkpoint"] = {"load_universal": True}
-    if not config.train.train_data:
-        raise ValueError("no training data: pass --train-data (a make-shards folder) or set train.train_data")
-    shards = resolve_specs(config.train.train_data, cache_dir=run_dir)
+    if not config.data.train:
+        raise ValueError("no training data: pass --train-data (a make-shards folder) or set data.train")
+    shards = resolve_specs(config.data.train, cache_dir=run_dir)
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     captions = None
@@ -221,17 +222,17 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
         save_frozen_parts(model, run_dir / FROZEN_PARTS, trained=TRAINED_PART[config.train.target])
 
     stream = ShardStream(shards, audio=config.audio, state=stream_state, options=StreamOptions(
-        batch_size=config.train.micro_batch_size, rank=env.rank, world_size=env.world_size,
-        num_workers=config.train.num_workers, seed=config.train.seed, shuffle_buffer=config.train.shuffle_buffer))
+        batch_size=config.train.micro_batch_size, rank=env.rank, world_size=env.world_size, seed=config.train.seed,
+        **loader_options(config.data, device=device)))
     tracker = StreamTracker(stream)
     batches = iter(make_loader(stream))
     logger = MetricsLogger(run_dir, enabled=env.is_main, use_wandb=config.train.logger == "wandb", start_step=step,
                            max_steps=config.train.max_steps, wandb_id=wandb_id, config=to_dict(config))
     validator = None
-    if config.train.val_data:
+    if config.data.val:
         from audioldm_dist.engine.validation import Validator
 
-        validator = Validator(resolve_specs(config.train.val_data, cache_dir=run_dir), config=config, objective=objective,
+        validator = Validator(resolve_specs(config.data.val, cache_dir=run_dir), config=config, objective=objective,
                               rank=env.rank, world_size=env.world_size, run_dir=run_dir)
     model.train()
     failed = False

@@ -69,7 +69,8 @@ class Validator:
     def _stream(self, *, rank: int, world_size: int) -> ShardStream:
         return ShardStream(self.shards, audio=self.config.audio, options=StreamOptions(
             batch_size=self.config.train.micro_batch_size, rank=rank, world_size=world_size, num_workers=0,
-            seed=VAL_SEED, shuffle=False, drop_last=False, max_epochs=1, allow_shard_sharing=True))
+            seed=VAL_SEED, shuffle=False, drop_last=False, max_epochs=1, allow_shard_sharing=True,
+            max_failed_fraction=self.config.data.max_failed_fraction))
 
     def _write_reference(self, count: int) -> list[ValPrompt]:
         """The first `count` val samples: their captions become the fixed prompts, their audio the reference."""
