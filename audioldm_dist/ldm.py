@@ -21,7 +21,7 @@ from audioldm_dist.diffusion.objective import diffusion_loss
 from audioldm_dist.diffusion.schedule import NoiseSchedule
 from audioldm_dist.models.conditioners import Condition, build_conditioner
 from audioldm_dist.models.unet import UNetModel
-from audioldm_dist.models.vae import AutoencoderKL
+from audioldm_dist.models.vae import AutoencoderKL, DiagonalGaussian
 from audioldm_dist.models.griffinlim import GriffinLim
 from audioldm_dist.models.vocoder import HiFiGAN
 
@@ -75,24 +75,41 @@ class AudioLDM(nn.Module):
             return batch["log_mel_spec"].to(device)
         return self.mel.batch(batch["waveform"].to(device))[0]
 
+    def posterior(self, batch: dict) -> DiagonalGaussian:
+        """q(z | x) of the batch: the stored posterior of encoded shards (`posterior`, (B, 2C, frames/f, mels/f)),
+        else the VAE encoder on the batch's log-mel."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        if "posterior" in batch:  # encode-shards ran the encoder already (data/encoded.py)
+            return DiagonalGaussian(batch["posterior"].to(device=next(self.vae.parameters()).device, dtype=vae_dtype))
+        return self.vae.encode(self.batch_log_mel(batch).to(vae_dtype).unsqueeze(1))
+
     @torch.no_grad()
     def latent_scale_from(self, batch: dict, *, seed: int = 0) -> float:
         """`scale_by_std` as the original: 1 / std of latents sampled from the posterior of a batch (the
         trainer uses the first batch); the sampling noise is seeded so every run agrees."""
-        posterior = self.vae.encode(self.batch_log_mel(batch).unsqueeze(1))
-        latents = posterior.sample(torch.Generator(device="cpu").manual_seed(seed))
+        latents = self.posterior(batch).sample(torch.Generator(device="cpu").manual_seed(seed))
         return float(1.0 / latents.flatten().std().clamp_min(1e-8))
 
     @torch.no_grad()
     def latents(self, log_mel: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, frames, mels) log-mel → scaled latents (B, C, frames/f, mels/f)."""
-        z = self.vae.encode(log_mel.unsqueeze(1)).sample(generator)
-        return z * self.vae.scale_factor
+        return self.batch_latents({"log_mel_spec": log_mel}, generator=generator)
+
+    @torch.no_grad()
+    def batch_latents(self, batch: dict, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A batch → scaled latents z ~ q(z | x) · scale_factor (B, C, frames/f, mels/f), one `randn` of the
+        generator whether the posterior was stored or computed (original: ddpm.py `get_first_stage_encoding`)."""
+        return self.posterior(batch).sample(generator) * self.vae.scale_factor
 
     def condition(self, batch: dict, *, device: torch.device, mode: str = "text") -> Condition:
-        """The conditioner's encoding of the batch's captions (`mode="text"`) or waveforms (`"audio"`, CLAP)."""
+        """The conditioner's encoding of the batch's captions (`mode="text"`) or waveforms (`"audio"`, CLAP);
+        encoded shards carry both (`text_embedding` [+ `text_mask`], `clap_audio`) and are not encoded again."""
         if mode == "audio":
+            if "clap_audio" in batch:
+                return Condition(film=batch["clap_audio"].to(device))
             return self.conditioner.encode_audio(batch["waveform"].to(device), sample_rate=self.config.audio.sampling_rate)
+        if "text_embedding" in batch:
+            return Condition.from_stored(batch["text_embedding"], batch.get("text_mask"), device=device)
         return self.conditioner.encode_text(list(batch["text"]), device=device)
 
     def training_embed_mode(self, *, generator: torch.Generator | None) -> str:
@@ -130,8 +147,7 @@ class AudioLDM(nn.Module):
         replaces `self.unet` in the forward pass (the DeepSpeed engine that wraps it); validation turns `guidance_dropout` off and asks for per-sample losses (`reduction="none"`)."""
         device = next(self.unet.parameters()).device
         mode = self.training_embed_mode(generator=generator) if guidance_dropout else "text"
-        log_mel = self.batch_log_mel(batch)
-        x0 = self.latents(log_mel.to(next(self.vae.parameters()).dtype), generator=generator)
+        x0 = self.batch_latents(batch, generator=generator)
         if guidance_dropout:
             condition = self.training_condition(batch, mode=mode, batch_size=x0.shape[0], device=device,
                                                 generator=generator)

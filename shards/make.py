@@ -1,18 +1,17 @@
 """The make-shards job: inspect headers → plan → write the missing shards in parallel → manifest.
 
-Workers are separate processes started with `forkserver` (torch's thread pools deadlock after a
-plain fork), each single-threaded, one shard per task. Progress is counted per file through a queue
-and shown by tqdm in the parent.
+Shards are written by `shards.pool` (forkserver workers, one shard per task); progress is counted per
+file and shown by tqdm in the parent (`progress_bar`, shared with encode-shards).
 """
 from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from audioldm_dist.data.metadata import DatasetRoot, LabelIndex
 from shards.manifest import Manifest, ShardEntry, write_manifest
 from shards.plan import Failure, ShardOptions, ShardSpec, inspect_entry, order_entries, plan_shards
 from audioldm_dist.fileio import atomic_write_bytes
+from shards.pool import ProgressCallback, report, task_runner
 from shards.writer import STATE_DIR, ShardRecord, completed_record, write_shard
 
 log = logging.getLogger("make-shards")
@@ -42,34 +42,40 @@ class OptionsMismatchError(ValueError):
 
 
 # --- worker side -------------------------------------------------------------------------------
-_progress_queue: mp.Queue | None = None
-
-
-def _init_worker(queue: mp.Queue | None) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-    global _progress_queue
-    _progress_queue = queue
-
-
-def _report(num_files: int, seconds: float) -> None:
-    if _progress_queue is not None:
-        _progress_queue.put((num_files, seconds))
-
-
 def _write_shard_task(args: tuple[ShardSpec, Path, ShardOptions, LabelIndex | None]) -> ShardRecord:
     spec, out_dir, options, labels = args
-    return write_shard(spec, out_dir=out_dir, options=options, labels=labels, progress=_report)
+    return write_shard(spec, out_dir=out_dir, options=options, labels=labels, progress=report)
 
 
 # --- parent side -------------------------------------------------------------------------------
-def _check_output_folder(out_dir: Path, *, options: ShardOptions, source: dict, overwrite: bool) -> None:
-    """Refuses to mix shards of different inputs/options in one folder, which would corrupt the set."""
+@contextmanager
+def progress_bar(*, total: int, desc: str, show: bool) -> Iterator[ProgressCallback]:
+    """A tqdm bar over files with the audio hours per second written so far; yields its `tick(files, seconds)`."""
+    bar = tqdm(total=total, desc=desc, unit="file", disable=not show, file=sys.stderr, smoothing=0.1)
+    audio_seconds = [0.0]
+
+    def tick(num_files: int, seconds: float) -> None:
+        audio_seconds[0] += seconds
+        bar.update(num_files)
+        elapsed = max(bar.format_dict["elapsed"], 1e-9)
+        bar.set_postfix_str(f"{audio_seconds[0] / 3600 / elapsed:.3f} audio-h/s", refresh=False)
+
+    try:
+        yield tick
+    finally:
+        bar.close()
+
+
+def _check_output_folder(out_dir: Path, *, options, source: dict, overwrite: bool,
+                         remove_stale: bool = True) -> None:
+    """Refuses to mix shards of different inputs/options in one folder, which would corrupt the set.
+    `options` is a dataclass with a `prefix` (make-shards' ShardOptions, encode-shards' EncodeOptions);
+    `remove_stale=False` leaves temp files of killed runs to their owners (several ranks share the folder)."""
     state_dir = out_dir / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f".{options.prefix}-*.tar.tmp-*"):  # left by a killed run
-        stale.unlink()
+    if remove_stale:
+        for stale in out_dir.glob(f".{options.prefix}-*.tar.tmp-*"):  # left by a killed run
+            stale.unlink()
     wanted = {"options": asdict(options), "source": source}
     options_path = state_dir / OPTIONS_FILE
     if options_path.exists() and not overwrite:
@@ -103,71 +109,32 @@ def make_shards(*, metadata_root: str | Path, dataset: str, split: str, out_dir:
     _check_output_folder(out_dir, options=options, source=source, overwrite=overwrite)
     ordered = order_entries(entries, options)
 
-    context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["shards.make"])  # torch is imported once, in the fork server
-    queue = context.Queue() if workers > 1 else None
-    pool = context.Pool(workers, initializer=_init_worker, initargs=(queue,)) if workers > 1 else None
-    try:
-        started = time.perf_counter()
-        # Headers are read by threads in this process (I/O bound; libsndfile releases the GIL) while the
-        # worker processes start up.
-        with ThreadPoolExecutor(max_workers=min(32, 4 * workers)) as threads:
-            inspected = list(tqdm(threads.map(lambda entry: inspect_entry(entry, options), ordered),
-                                  total=len(ordered), desc="reading headers", unit="file",
-                                  disable=not show_progress, file=sys.stderr))
-        specs = plan_shards(inspected, options)
-        header_failures = [item for item in inspected if isinstance(item, Failure)]
-        log.info("planned %d shards for %d files (%d unreadable) in %.1fs", len(specs), len(ordered),
-                 len(header_failures), time.perf_counter() - started)
+    started = time.perf_counter()
+    # Headers are read by threads in this process (I/O bound; libsndfile releases the GIL).
+    with ThreadPoolExecutor(max_workers=min(32, 4 * workers)) as threads:
+        inspected = list(tqdm(threads.map(lambda entry: inspect_entry(entry, options), ordered),
+                              total=len(ordered), desc="reading headers", unit="file",
+                              disable=not show_progress, file=sys.stderr))
+    specs = plan_shards(inspected, options)
+    header_failures = [item for item in inspected if isinstance(item, Failure)]
+    log.info("planned %d shards for %d files (%d unreadable) in %.1fs", len(specs), len(ordered),
+             len(header_failures), time.perf_counter() - started)
 
-        records: dict[str, ShardRecord] = {}
-        todo: list[ShardSpec] = []
-        for spec in specs:
-            record = completed_record(spec, out_dir=out_dir)
-            if record is None:
-                todo.append(spec)
-            else:
-                records[spec.name] = record
-        num_todo_files = sum(len(spec.samples) for spec in todo)
-        if records:
-            log.info("reusing %d complete shards; writing %d", len(records), len(todo))
-        bar = tqdm(total=num_todo_files, desc=f"writing {len(todo)} shards", unit="file",
-                   disable=not show_progress, file=sys.stderr, smoothing=0.1)
-        audio_seconds = [0.0]
-
-        def tick(num_files: int, seconds: float) -> None:
-            audio_seconds[0] += seconds
-            bar.update(num_files)
-            elapsed = max(bar.format_dict["elapsed"], 1e-9)
-            bar.set_postfix_str(f"{audio_seconds[0] / 3600 / elapsed:.3f} audio-h/s", refresh=False)
-
-        drain = None
-        if queue is not None:
-            def drain_queue() -> None:
-                while (item := queue.get()) is not None:
-                    tick(*item)
-
-            drain = threading.Thread(target=drain_queue, daemon=True)
-            drain.start()
-            progress = None
+    records: dict[str, ShardRecord] = {}
+    todo: list[ShardSpec] = []
+    for spec in specs:
+        record = completed_record(spec, out_dir=out_dir)
+        if record is None:
+            todo.append(spec)
         else:
-            progress = tick
-        tasks = [(spec, out_dir, options, labels) for spec in todo]
-        if pool is None:
-            results = (write_shard(spec, out_dir=out_dir, options=options, labels=labels, progress=progress)
-                       for spec in todo)
-        else:
-            results = pool.imap_unordered(_write_shard_task, tasks)
-        for record in results:
+            records[spec.name] = record
+    if records:
+        log.info("reusing %d complete shards; writing %d", len(records), len(todo))
+    with progress_bar(total=sum(len(spec.samples) for spec in todo), desc=f"writing {len(todo)} shards",
+                      show=show_progress) as tick, \
+            task_runner(workers=workers, preload=["shards.make"], progress=tick) as run:
+        for record in run(_write_shard_task, [(spec, out_dir, options, labels) for spec in todo]):
             records[record.name] = record
-        if queue is not None:
-            queue.put(None)
-            drain.join()
-        bar.close()
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
 
     all_failures = [failure.__dict__ for failure in header_failures]
     shard_entries = []

@@ -33,6 +33,8 @@ class Manifest:
     options: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     command: list[str] = field(default_factory=list)
+    created_by: str = "make-shards"
+    """The tool that wrote the folder: make-shards (audio) or encode-shards (VAE posteriors, embeddings)."""
 
     @property
     def num_samples(self) -> int:
@@ -45,7 +47,7 @@ class Manifest:
     def to_dict(self) -> dict:
         return {
             "version": MANIFEST_VERSION,
-            "created_by": "make-shards",
+            "created_by": self.created_by,
             "command": self.command,
             "options": self.options,
             "source": self.source,
@@ -74,7 +76,8 @@ class Manifest:
             raise ValueError(f"{path}: unsupported manifest version {raw.get('version')!r}")
         return cls(shards=[ShardEntry(**shard) for shard in raw["shards"]], num_entries=raw["totals"]["num_entries"],
                    num_failed=raw["totals"]["num_failed"], options=raw.get("options", {}),
-                   source=raw.get("source", {}), command=raw.get("command", []))
+                   source=raw.get("source", {}), command=raw.get("command", []),
+                   created_by=raw.get("created_by", "make-shards"))
 
 
 def write_manifest(out_dir: Path, manifest: Manifest, *, failures: list[dict]) -> None:

@@ -14,13 +14,13 @@ import os
 import tarfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 from audioldm_dist.data import schema
 from audioldm_dist.data.audio import AudioDecodeError, decode, downmix, encode_flac, resample
 from audioldm_dist.data.metadata import LabelIndex
 from audioldm_dist.fileio import atomic_write_bytes, disk_full_error, fsync_dir, is_out_of_space
-from shards.plan import Failure, PlannedSample, ShardOptions, ShardSpec, failure_of
+from shards.plan import PlannedSample, ShardOptions, ShardSpec, failure_of
 
 STATE_DIR = ".make-shards"
 
@@ -125,23 +125,46 @@ def encode_sample(sample: PlannedSample, options: ShardOptions, labels: LabelInd
 
 def write_shard(spec: ShardSpec, *, out_dir: Path, options: ShardOptions, labels: LabelIndex | None,
                 progress: ProgressCallback | None = None) -> ShardRecord:
-    """Writes one shard atomically and its record; per-sample problems become failures, not errors. No room
-    left on the output's device: the partial file is removed and a DiskFullError names the folder."""
-    tmp_path = out_dir / f".{spec.name}.tmp-{os.getpid()}"
+    """Writes one make-shards shard atomically and its record (see `write_tar`)."""
+    def encode(sample: PlannedSample) -> tuple[list[tuple[str, dict[str, bytes]]], float]:
+        members, seconds = encode_sample(sample, options, labels)
+        return [(sample.key, members)], seconds
+
+    def failure(sample: PlannedSample, error: AudioDecodeError) -> dict:
+        return asdict(failure_of(sample.key, sample.entry, error))
+
+    return write_tar(spec.name, fingerprint=spec.fingerprint, out_dir=out_dir, items=spec.samples, encode=encode,
+                     failure=failure, progress=progress)
+
+
+EncodeItem = Callable[[Any], tuple[list[tuple[str, dict[str, bytes]]], float]]
+"""One input item → its output samples `(key, {extension: bytes})` and the seconds of audio they hold;
+raises `AudioDecodeError` (or anything else) for an item that must be skipped."""
+
+
+def write_tar(name: str, *, fingerprint: str, out_dir: Path, items: Iterable[Any], encode: EncodeItem,
+              failure: Callable[[Any, AudioDecodeError], dict], progress: ProgressCallback | None = None
+              ) -> ShardRecord:
+    """Writes the tar `name` from `items` atomically and its record; an item whose `encode` raises is a
+    failure (`failure(item, error)`, one line of failures.jsonl), never an error. make-shards and
+    encode-shards both write through here. No room left on the output's device: the partial file is removed
+    and a DiskFullError names the folder."""
+    tmp_path = out_dir / f".{name}.tmp-{os.getpid()}"
     try:
-        return _write_shard(spec, out_dir=out_dir, tmp_path=tmp_path, options=options, labels=labels,
-                            progress=progress)
+        return _write_tar(name, fingerprint=fingerprint, out_dir=out_dir, tmp_path=tmp_path, items=items,
+                          encode=encode, failure=failure, progress=progress)
     except OSError as error:
         tmp_path.unlink(missing_ok=True)
         if is_out_of_space(error, out_dir):
-            raise disk_full_error(out_dir, what=f"shard {spec.name}", needed=0) from error
+            raise disk_full_error(out_dir, what=f"shard {name}", needed=0) from error
         raise
 
 
-def _write_shard(spec: ShardSpec, *, out_dir: Path, tmp_path: Path, options: ShardOptions, labels: LabelIndex | None,
-                 progress: ProgressCallback | None) -> ShardRecord:
-    final_path = out_dir / spec.name
-    failures: list[Failure] = []
+def _write_tar(name: str, *, fingerprint: str, out_dir: Path, tmp_path: Path, items: Iterable[Any],
+               encode: EncodeItem, failure: Callable[[Any, AudioDecodeError], dict],
+               progress: ProgressCallback | None) -> ShardRecord:
+    final_path = out_dir / name
+    failures: list[dict] = []
     num_samples = 0
     seconds = 0.0
     with open(tmp_path, "wb", buffering=0) as handle:
@@ -149,31 +172,31 @@ def _write_shard(spec: ShardSpec, *, out_dir: Path, tmp_path: Path, options: Sha
         # The buffer hands the hashing writer large chunks instead of tarfile's many small writes.
         buffered = io.BufferedWriter(hashing, buffer_size=1 << 22)
         with tarfile.open(fileobj=buffered, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-            for sample in spec.samples:
+            for item in items:
                 try:
-                    members, sample_seconds = encode_sample(sample, options, labels)
+                    samples, item_seconds = encode(item)
                 except AudioDecodeError as error:
-                    failures.append(failure_of(sample.key, sample.entry, error))
-                    sample_seconds = 0.0
+                    failures.append(failure(item, error))
+                    item_seconds = 0.0
                 except Exception as error:  # one odd file must never kill a 10,000-file job
-                    failures.append(failure_of(sample.key, sample.entry,
-                                               AudioDecodeError("error", f"{type(error).__name__}: {error}")))
-                    sample_seconds = 0.0
+                    failures.append(failure(item, AudioDecodeError("error", f"{type(error).__name__}: {error}")))
+                    item_seconds = 0.0
                 else:
-                    for extension, data in members.items():
-                        _add_member(archive, f"{sample.key}.{extension}", data)
-                    num_samples += 1
-                    seconds += sample_seconds
+                    for key, members in samples:
+                        for extension, data in members.items():
+                            _add_member(archive, f"{key}.{extension}", data)
+                        num_samples += 1
+                    seconds += item_seconds
                 if progress is not None:
-                    progress(1, sample_seconds)
+                    progress(1, item_seconds)
         buffered.flush()
         os.fsync(handle.fileno())
     os.replace(tmp_path, final_path)
     fsync_dir(out_dir)
-    record = ShardRecord(name=spec.name, fingerprint=spec.fingerprint, num_samples=num_samples,
+    record = ShardRecord(name=name, fingerprint=fingerprint, num_samples=num_samples,
                          bytes=hashing.num_bytes, sha256=hashing.sha256.hexdigest(), seconds=round(seconds, 6),
-                         failures=[asdict(failure) for failure in failures])
-    atomic_write_bytes(out_dir / STATE_DIR / f"{spec.name}.json", json.dumps(asdict(record)).encode())
+                         failures=failures)
+    atomic_write_bytes(out_dir / STATE_DIR / f"{name}.json", json.dumps(asdict(record)).encode())
     return record
 
 
@@ -186,7 +209,8 @@ def sha256_of_file(path: Path, *, chunk_size: int = 1 << 20) -> str:
 
 
 def completed_record(spec: ShardSpec, *, out_dir: Path) -> ShardRecord | None:
-    """The shard's record if its tar is complete and matches it (size and sha256), else None."""
+    """The shard's record if its tar is complete and matches it (size and sha256), else None. `spec` is
+    anything with a `name` and a `fingerprint` (make-shards' ShardSpec, encode-shards' EncodeSpec)."""
     record = ShardRecord.load(out_dir / STATE_DIR / f"{spec.name}.json")
     tar_path = out_dir / spec.name
     if record is None or record.fingerprint != spec.fingerprint or not tar_path.is_file():

@@ -29,12 +29,22 @@ def label_vector(mids: list[str], labels: LabelIndex | None) -> np.ndarray:
     return vector
 
 
+def choose_caption(captions: list[str], rng: np.random.Generator) -> int:
+    """The index of the caption a sample trains with: uniform over the record's captions, picked per item fetched
+    as the original (DS:547-558 in shared/reference/original_recipe.md), one draw of the sample's rng; 0 without
+    captions."""
+    return int(rng.integers(len(captions))) if captions else 0
+
+
 def make_sample(waveform: np.ndarray, sample_rate: int, *, captions: list[str], label_mids: list[str],
                 fname: str, key: str, config: AudioConfig, mel: MelFeatures | None, labels: LabelIndex | None,
-                rng: np.random.Generator) -> dict:
-    """`(channels, T)` audio at any rate → one sample: crop, resample, normalise, features, caption."""
-    clip = waveform_to_features(downmix(waveform), sample_rate, config=config, mel=mel, rng=rng)
-    text = captions[int(rng.integers(len(captions)))] if captions else ""
+                rng: np.random.Generator | None, start_seconds: float | None = None) -> dict:
+    """`(channels, T)` audio at any rate → one sample: crop, resample, normalise, features, caption. The crop
+    is random (the loader) unless `start_seconds` fixes it (encode-shards; `rng` may then be None, and the
+    caption is the first)."""
+    clip = waveform_to_features(downmix(waveform), sample_rate, config=config, mel=mel, rng=rng,
+                                start_seconds=start_seconds)
+    text = (captions[choose_caption(captions, rng)] if rng is not None else captions[0]) if captions else ""
     sample = {"waveform": torch.from_numpy(clip.waveform)}
     if clip.log_mel_spec is not None:
         sample.update(log_mel_spec=clip.log_mel_spec, stft=clip.stft)

@@ -145,6 +145,16 @@ def read_segment(url: str, start: int, end: int) -> Iterator[tuple[int, dict | N
         yield index, None
 
 
+def captions_for_tokenizer(shards) -> list[str]:
+    """Captions of the training shards: the vocabulary of a random_init (offline, tiny) text encoder."""
+    captions: list[str] = []
+    for shard in shards:
+        for _, members in read_segment(shard.url, 0, shard.num_samples):
+            if members and "json" in members:
+                captions.extend(json.loads(members["json"]).get("captions", []))
+    return sorted(set(captions))
+
+
 class ShardStream(IterableDataset):
     """Batches for one rank. Give it to `make_loader` (or a DataLoader with `batch_size=None`)."""
 

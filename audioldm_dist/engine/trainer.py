@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from audioldm_dist.build import build_model_with_weights, tokenizer_captions
 from audioldm_dist.config import Config, load_config, to_dict
 from audioldm_dist.data.sources import resolve_specs
 from audioldm_dist.data.stream import (ShardStream, StreamOptions, StreamTracker, end_loader_workers, loader_options,
@@ -79,18 +80,6 @@ def setup_logging(env: DistEnv) -> None:
                         format=f"%(asctime)s rank {env.rank}/{env.world_size} %(name)s: %(message)s", force=True)
 
 
-def captions_for_tokenizer(shards) -> list[str]:
-    """Captions of the training shards: the vocabulary of a random_init (offline, tiny) text encoder."""
-    from audioldm_dist.data.stream import read_segment
-
-    captions: list[str] = []
-    for shard in shards:
-        for _, members in read_segment(shard.url, 0, shard.num_samples):
-            if members and "json" in members:
-                captions.extend(json.loads(members["json"]).get("captions", []))
-    return sorted(set(captions))
-
-
 def rng_state(generator: torch.Generator) -> dict:
     return {"generator": generator.get_state(), "torch": torch.get_rng_state()}
 
@@ -124,23 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-def build_model_with_weights(config: Config, *, captions: list[str] | None, reload_from_ckpt: str | None,
-                             resuming: bool) -> tuple[nn.Module, LoadReport | None]:
-    """AudioLDM with --reload_from_ckpt's weights; the conditioner from `conditioner.pretrained` only if that
-    checkpoint did not supply it. `resuming`: the first step is no longer the original's dry run."""
-    from audioldm_dist.ldm import AudioLDM
-    from audioldm_dist.pretrained import load_conditioner_unless_supplied, load_pretrained
-
-    model = AudioLDM(config, captions=captions, load_conditioner_weights=False)
-    if config.vae.reload_from_ckpt:  # the first stage alone, as the original's first_stage_config (autoencoder.py)
-        log.info("vae.reload_from_ckpt: the VAE from %s", config.vae.reload_from_ckpt)
-        load_pretrained(model, config.vae.reload_from_ckpt, parts=("vae",))
-    report = load_pretrained(model, reload_from_ckpt) if reload_from_ckpt else None
-    load_conditioner_unless_supplied(model, report, checkpoint=reload_from_ckpt)
-    model.conditional_dry_run_finished = resuming
-    return model, report
-
-
 def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopSignal, guard: JobGuard) -> int:
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,13 +135,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
         raise ValueError("no training data: pass --train-data (a make-shards folder) or set data.train")
     shards = resolve_specs(config.data.train, cache_dir=run_dir)
 
-    torch.manual_seed(config.train.seed)  # identical initial weights on every rank
-    captions = None
-    if config.conditioner.random_init:  # the vocabulary of an exported random_init model, else the shards'
-        from audioldm_dist.pretrained import read_export_metadata
-
-        exported = read_export_metadata(args.reload_from_ckpt).get("captions") if args.reload_from_ckpt else None
-        captions = exported or captions_for_tokenizer(shards)
+    captions = tokenizer_captions(config, shards, reload_from_ckpt=args.reload_from_ckpt)
     model, report = build_model_with_weights(config, captions=captions, reload_from_ckpt=args.reload_from_ckpt,
                                              resuming=point is not None)
     model = model.to(device)

@@ -49,6 +49,21 @@ class Condition:
             masks=None if self.masks is None else [pick(a, b) for a, b in zip(self.masks, other.masks)],
         )
 
+    @classmethod
+    def from_stored(cls, embedding: torch.Tensor, mask: torch.Tensor | None, *, device: torch.device) -> "Condition":
+        """What `stored()` gave back (encoded shards): (B, D) → FiLM; (B, N, D) with its (B, N) mask → a context."""
+        if embedding.dim() == 2:
+            return cls(film=embedding.to(device))
+        assert mask is not None, "a stored cross-attention context needs its mask"
+        return cls(contexts=[embedding.to(device)], masks=[mask.to(device=device, dtype=torch.bool)])
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(embedding, mask) to store: the FiLM vector (B, D), or the one context (B, N, D) with its mask."""
+        if self.film is not None:
+            return self.film, None
+        assert self.contexts is not None and len(self.contexts) == 1, "one cross-attention context expected"
+        return self.contexts[0], self.masks[0]
+
     def repeat(self, batch: int) -> "Condition":
         def expand(t: torch.Tensor) -> torch.Tensor:
             return t.expand(batch, *t.shape[1:])
