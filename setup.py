@@ -1,4 +1,4 @@
-"""Installs the `audioldm_dist` library, the `shards` tool and the `make-shards` console script."""
+"""Installs the `audioldm_dist` library, the `shards` tool and the `make-shards` and `encode-shards` console scripts."""
 from setuptools import find_packages, setup
 
 setup(
@@ -30,5 +30,5 @@ setup(
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "librosa>=0.10", "scikit-learn>=1.3", "h5py>=3.8",
                 "ftfy>=6.1", "wget>=3.2", "pandas>=2.0"],
     },
-    entry_points={"console_scripts": ["make-shards=shards.cli:main"]},
+    entry_points={"console_scripts": ["make-shards=shards.cli:main", "encode-shards=shards.encode_cli:main"]},
 )

@@ -28,7 +28,7 @@ def weights_sha256(module: nn.Module, *, skip: tuple[str, ...] = ("scale_factor"
             continue
         value = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
     return digest.hexdigest()
 
 

@@ -1,4 +1,5 @@
-"""`make-shards --verify DIR`: every shard against the manifest, every sample decoded."""
+"""`make-shards --verify DIR` / `encode-shards --verify OUT`: every shard against the manifest, every sample
+decoded (audio) or read (encoded tensors, finite)."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from audioldm_dist.data import schema
+import numpy as np
+
+from audioldm_dist.config import AudioConfig
+from audioldm_dist.data import encoded, schema
 from audioldm_dist.data.audio import AudioDecodeError, decode
 from shards.manifest import Manifest, ShardEntry
 from shards.writer import sha256_of_file
@@ -47,6 +51,16 @@ def check_shard(folder: Path, shard: ShardEntry) -> ShardCheck:
     except (tarfile.TarError, OSError, EOFError) as error:
         check.problems.append(f"{shard.name}: unreadable tar: {error}")
     for key, files in members.items():
+        if encoded.is_encoded(files):  # encode-shards output: every tensor readable and finite, json complete
+            try:
+                encoded.encoded_sample(files, name=f"{shard.name}/{key}", key=key, config=AudioConfig(), labels=None,
+                                       rng=np.random.default_rng(0), expected=None)
+            except (AudioDecodeError, ValueError) as error:
+                check.problems.append(f"{shard.name}/{key}: {error}")
+                continue
+            check.keys.append(key)
+            check.num_samples += 1
+            continue
         audio_ext = next((ext for ext in schema.AUDIO_EXTENSIONS if ext in files), None)
         if audio_ext is None or schema.JSON_EXTENSION not in files:
             check.problems.append(f"{shard.name}/{key}: expected an audio member and a json member, "

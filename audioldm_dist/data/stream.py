@@ -34,6 +34,7 @@ from audioldm_dist.config import AudioConfig, DataConfig
 from audioldm_dist.data import schema
 from audioldm_dist.data.audio import AudioDecodeError, decode
 from audioldm_dist.data.batch import collate, make_sample, padding_sample
+from audioldm_dist.data.encoded import ENCODING, EncodingMismatchError, encoded_sample, is_encoded
 from audioldm_dist.data.features import MelFeatures
 from audioldm_dist.data.metadata import LabelIndex
 from audioldm_dist.data.sources import ShardInfo, shards_fingerprint
@@ -67,6 +68,9 @@ class StreamOptions:
     allow_shard_sharing: bool = False
     """Allow fewer shards than ranks × workers: consumers then share shards, each reading past the part
     before its range."""
+    encoding: dict | None = None
+    """Encoded shards (encode-shards): the model's encoding fingerprints (`encoding.model_encoding`) that every
+    sample must carry; samples then come from `data/encoded.py` (no audio decode, no features). None: audio."""
 
     @property
     def consumers_per_rank(self) -> int:
@@ -143,6 +147,18 @@ def read_segment(url: str, start: int, end: int) -> Iterator[tuple[int, dict | N
                 pass
     for index in range(next_index, end):
         yield index, None
+
+
+def detect_encoding(shards: list[ShardInfo]) -> dict | None:
+    """The encoding fingerprints of encoded shards (from the first sample of the first shard), None for audio
+    shards. Every sample is checked again as it is read (`StreamOptions.encoding`)."""
+    for _, members in read_segment(shards[0].url, 0, 1):
+        if members is None:
+            raise ValueError(f"{shards[0].url}: unreadable, cannot tell audio from encoded shards")
+        if not is_encoded(members):
+            return None
+        return json.loads(members[schema.JSON_EXTENSION]).get(ENCODING, {})
+    return None
 
 
 def captions_for_tokenizer(shards) -> list[str]:
@@ -284,18 +300,26 @@ class ShardStream(IterableDataset):
         if members is None:
             counters["failed"] += 1
             return None
+        rng = np.random.default_rng([self.state.seed, epoch, read, index])
+        key = f"{url.rsplit('/', 1)[-1]}/{index}"
+        if is_encoded(members) != (self.options.encoding is not None):
+            raise EncodingMismatchError(
+                f"{url}#{index}: {'an encoded' if is_encoded(members) else 'an audio'} sample in a stream of "
+                f"{'encoded' if self.options.encoding is not None else 'audio'} shards: do not mix encode-shards "
+                f"output with audio shards in one --train-data / --val-data")
         try:
+            if self.options.encoding is not None:
+                return encoded_sample(members, name=f"{url}#{index}", key=key, config=self.audio, labels=self.labels,
+                                      rng=rng, expected=self.options.encoding)
             audio_ext = next((ext for ext in schema.AUDIO_EXTENSIONS if ext in members), None)
             if audio_ext is None or schema.JSON_EXTENSION not in members:
                 raise AudioDecodeError("incomplete", f"members {sorted(members)}")
             metadata = json.loads(members[schema.JSON_EXTENSION])
             waveform, rate = decode(members[audio_ext], name=f"{url}#{index}")
             captions = metadata.get(schema.CAPTIONS) or [metadata.get(schema.CAPTION, "")]
-            key = f"{url.rsplit('/', 1)[-1]}/{index}"
             return make_sample(waveform, rate, captions=captions, label_mids=metadata.get(schema.LABELS, []),
                                fname=metadata.get(schema.SOURCE_PATH, key), key=key, config=self.audio,
-                               mel=self._mel, labels=self.labels,
-                               rng=np.random.default_rng([self.state.seed, epoch, read, index]))
+                               mel=self._mel, labels=self.labels, rng=rng)
         except (AudioDecodeError, ValueError, KeyError) as error:
             counters["failed"] += 1
             _warn("skipping sample %d of shard %s: %s", index, url, error)
@@ -323,7 +347,10 @@ class ShardStream(IterableDataset):
                 counters["replaced"] += 1
             filled.append(sample)
         while len(filled) < self.options.batch_size:  # evaluation: the epoch ran out on this reader
-            filled.append(padding_sample(config=self.audio, mel=self._mel, labels=self.labels))
+            if self.options.encoding is not None:  # no audio to make silence from: a copy, marked invalid
+                filled.append({**(donors or filled)[0], "valid": False})
+            else:
+                filled.append(padding_sample(config=self.audio, mel=self._mel, labels=self.labels))
         return filled
 
     def _check_failures(self, counters: dict) -> None:

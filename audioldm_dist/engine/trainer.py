@@ -24,7 +24,8 @@ from torch import nn
 from audioldm_dist.build import build_model_with_weights, tokenizer_captions
 from audioldm_dist.config import Config, load_config, to_dict
 from audioldm_dist.data.sources import resolve_specs
-from audioldm_dist.data.stream import (ShardStream, StreamOptions, StreamTracker, end_loader_workers, loader_options,
+from audioldm_dist.data.encoded import check_encoding
+from audioldm_dist.data.stream import (ShardStream, detect_encoding, StreamOptions, StreamTracker, end_loader_workers, loader_options,
                                        make_loader)
 from audioldm_dist.data.stream_plan import StreamState
 from audioldm_dist.diffusion.ema import EMA
@@ -36,6 +37,7 @@ from audioldm_dist.engine.ds_config import initialize_engine, load_ds_config, tr
 from audioldm_dist.engine.metrics import MetricsLogger
 from audioldm_dist.engine.run_config import check_run_config
 from audioldm_dist.engine.signals import StopSignal
+from audioldm_dist.encoding import model_encoding
 from audioldm_dist.engine.vae_gan import VAEGAN, build_vae_gan, check_vae_ds_config, mean_metrics
 from audioldm_dist.models.lpips import load_lpips
 from audioldm_dist.objectives import TRAINED_PART, make_objective
@@ -138,6 +140,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
     captions = tokenizer_captions(config, shards, reload_from_ckpt=args.reload_from_ckpt)
     model, report = build_model_with_weights(config, captions=captions, reload_from_ckpt=args.reload_from_ckpt,
                                              resuming=point is not None)
+    encoding = _check_encoded_shards(model, config, shards)
     model = model.to(device)
     model.unet.select_attention_backend(device=device, dtype=dtype)
     trained = getattr(model, TRAINED_PART[config.train.target])  # the UNet, or the VAE with train.target=vae
@@ -189,7 +192,7 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
 
     stream = ShardStream(shards, audio=config.audio, state=stream_state, options=StreamOptions(
         batch_size=config.train.micro_batch_size, rank=env.rank, world_size=env.world_size, seed=config.train.seed,
-        **loader_options(config.data, device=device)))
+        encoding=encoding, **loader_options(config.data, device=device)))
     tracker = StreamTracker(stream)
     batches = iter(make_loader(stream))
     logger = MetricsLogger(run_dir, enabled=env.is_main, use_wandb=config.train.logger == "wandb", start_step=step,
@@ -198,8 +201,10 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
     if config.data.val:
         from audioldm_dist.engine.validation import Validator
 
-        validator = Validator(resolve_specs(config.data.val, cache_dir=run_dir), config=config, objective=objective,
-                              rank=env.rank, world_size=env.world_size, run_dir=run_dir)
+        val_shards = resolve_specs(config.data.val, cache_dir=run_dir)
+        validator = Validator(val_shards, config=config, objective=objective, rank=env.rank,
+                              world_size=env.world_size, run_dir=run_dir,
+                              encoding=_check_encoded_shards(model, config, val_shards))
     model.train()
     failed = False
     try:
@@ -270,6 +275,20 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
 
 
 FROZEN_PARTS = "frozen_parts.pt"
+
+
+def _check_encoded_shards(model, config: Config, shards) -> dict | None:
+    """Encoded shards (encode-shards): the model's encoding fingerprints, after checking that the shards were
+    encoded with this VAE, conditioner and audio config (else EncodingMismatchError naming both); audio
+    shards: None."""
+    found = detect_encoding(shards)
+    if found is None:
+        return None
+    expected = model_encoding(model, config)
+    check_encoding(found, expected, where=shards[0].url)
+    log.info("encoded shards (fingerprint %s): no audio decode, STFT, VAE encoder or conditioner forward in "
+             "training", expected["fingerprint"])
+    return expected
 
 
 def save_frozen_parts(model, path: Path, *, trained: str) -> None:

@@ -51,8 +51,10 @@ class Validator:
     """Owns the val shards, the fixed prompts and (rank 0) the EMA UNet copy used for sampling."""
 
     def __init__(self, shards: list[ShardInfo], *, config: Config, objective: Objective, rank: int, world_size: int,
-                 run_dir: Path) -> None:
+                 run_dir: Path, encoding: dict | None = None) -> None:
+        """`encoding`: the model's fingerprints when the val shards are encoded (encode-shards); None for audio."""
         self.shards = shards
+        self.encoding = encoding
         self.config = config
         self.objective = objective
         self.rank = rank
@@ -70,7 +72,7 @@ class Validator:
         return ShardStream(self.shards, audio=self.config.audio, options=StreamOptions(
             batch_size=self.config.train.micro_batch_size, rank=rank, world_size=world_size, num_workers=0,
             seed=VAL_SEED, shuffle=False, drop_last=False, max_epochs=1, allow_shard_sharing=True,
-            max_failed_fraction=self.config.data.max_failed_fraction))
+            max_failed_fraction=self.config.data.max_failed_fraction, encoding=self.encoding))
 
     def _write_reference(self, count: int) -> list[ValPrompt]:
         """The first `count` val samples: their captions become the fixed prompts, their audio the reference."""
@@ -82,8 +84,9 @@ class Validator:
                 if not bool(batch["valid"][index]) or len(prompts) == count:
                     continue
                 key, caption = _file_stem(batch["fname"][index], batch["key"][index], used=prompts), batch["text"][index]
-                soundfile.write(str(out / f"{key}.wav"), batch["waveform"][index, 0].numpy(),
-                                self.config.audio.sampling_rate)
+                if "waveform" in batch:  # encoded val shards carry no audio: prompts only
+                    soundfile.write(str(out / f"{key}.wav"), batch["waveform"][index, 0].numpy(),
+                                    self.config.audio.sampling_rate)
                 (out / f"{key}.json").write_text(json.dumps({"caption": caption, "key": key}, indent=1))
                 prompts.append(ValPrompt(key=key, caption=caption))
             if len(prompts) == count:
