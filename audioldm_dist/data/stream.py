@@ -9,6 +9,8 @@ another sample of the same batch, an unreadable tar member or a missing/truncate
 of that shard's segment into placeholders that are skipped the same way, so every rank still yields
 the same number of batches (no hang). All of it is counted, with rate-limited warnings; the loader
 stops with an error only when the failed fraction exceeds `max_failed_fraction`.
+Encoded shards (encode-shards, `StreamOptions.encoding`) go through the same plan, shuffle, resume and fault
+handling; only the per-sample decode differs (`data/encoded.py`: stored posterior and embeddings, no audio).
 """
 from __future__ import annotations
 

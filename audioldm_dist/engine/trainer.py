@@ -284,6 +284,9 @@ def _check_encoded_shards(model, config: Config, shards) -> dict | None:
     found = detect_encoding(shards)
     if found is None:
         return None
+    if config.train.target != "ldm":
+        raise ValueError(f"{shards[0].url}: encoded shards hold VAE posteriors, not log-mels; train.target="
+                         f"{config.train.target} needs audio shards (make-shards output)")
     expected = model_encoding(model, config)
     check_encoding(found, expected, where=shards[0].url)
     log.info("encoded shards (fingerprint %s): no audio decode, STFT, VAE encoder or conditioner forward in "
