@@ -69,6 +69,7 @@ def test_shards_encoded_with_another_vae_are_refused_naming_both_fingerprints(tr
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # four 2-rank launches; on a shared 2-core machine one takes minutes
 def test_two_ranks_on_encoded_shards_match_audio_shards_and_resume_exactly(train_shards: Path,
                                                                           tmp_path: Path) -> None:
     encoded = tmp_path / "encoded"
