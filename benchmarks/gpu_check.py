@@ -1,5 +1,5 @@
 """One check of a CUDA machine: attention kernels, the S-UNet's ZeRO-2 bf16 step and its MFU, the M model
-under a 15 GB cap, an fp16 loss-scaled step, and encoded vs on-the-fly data. Run it through the wrapper:
+under a 15 GiB cap, an fp16 loss-scaled step, and encoded vs on-the-fly data. Run it through the wrapper:
 
     bash benchmarks/gpu_check.sh               # a CUDA machine; ≤ 8 minutes on an H100/H200
     bash benchmarks/gpu_check.sh --cpu-smoke   # every part at toy sizes on the CPU (what the test runs)
@@ -12,9 +12,10 @@ cannot run here says why in its status cell: "needs CUDA", "not installed", "enc
 - attention: xformers, SDPA and math kernels of `models/attention.py`, forward + backward in bf16 on
   (B, H, N, D) tensors the size of the S-UNet's largest attention (1024 latent positions, 8 heads of 32),
   unmasked self-attention and masked cross-attention (a (B, Nk) key padding mask, as FLAN-T5's tokens).
-  The reference is the math kernel in float32 on the same bf16 inputs; a kernel agrees when every
-  element of its output and of the three input gradients is within 1e-3 + 2⁻⁸·|reference| (1e-3 on top
-  of one bf16 rounding). Speed: mean of timed forward + backward calls after warm-up.
+  The reference is the math kernel in float32 on the same bf16 inputs. bf16 rounding alone puts the bf16
+  math kernel ~1e-2 away from it, so, as PyTorch's SDPA tests derive their tolerances, a kernel agrees
+  when the max error of its output and of each input gradient is within max(1e-3, 2 × the bf16 math
+  kernel's error on that tensor). Speed: mean of timed forward + backward calls after two warm-up calls.
 - S ZeRO-2 bf16: a real DeepSpeed engine through `engine/ds_config.py` (configs/ds/zero2_bf16.json
   reconciled with configs/audioldm_s.yaml, one rank) training the UNet on synthetic latents and FiLM
   conditions with the package's diffusion loss. FLOPs of one forward + backward are counted with

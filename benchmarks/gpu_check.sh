@@ -6,12 +6,16 @@
 #   bash benchmarks/gpu_check.sh [--log-dir DIR]   # on the GPU machine, from anywhere
 #   bash benchmarks/gpu_check.sh --cpu-smoke       # every part at toy sizes on the CPU
 #
-# Python: the repository's .venv if it has one, else python3 (no network is needed or used). What the
+# Python: $GPU_CHECK_PYTHON if set, else the repository's .venv if it has one, else python3 (no network is
+# needed or used; scripts/setup_env.sh makes the .venv where a registry is reachable). What the
 # environment lacks (torch, CUDA, deepspeed, xformers, encode-shards) is said here and in the table.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [[ -x "$ROOT/.venv/bin/python" ]]; then
+if [[ -n "${GPU_CHECK_PYTHON:-}" ]]; then
+  PYTHON="$GPU_CHECK_PYTHON"  # an environment elsewhere (the test passes its own)
+  export PATH="$(dirname "$PYTHON"):$PATH"
+elif [[ -x "$ROOT/.venv/bin/python" ]]; then
   PYTHON="$ROOT/.venv/bin/python"
   export PATH="$ROOT/.venv/bin:$PATH"  # console scripts of the environment (encode-shards, deepspeed)
 else
@@ -23,7 +27,7 @@ else
   echo "gpu_check: no $ROOT/.venv; using $PYTHON" >&2
 fi
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-  echo "gpu_check: error: $PYTHON cannot import torch; install the repository (pip install -e .) into it or make $ROOT/.venv" >&2
+  echo "gpu_check: error: $PYTHON cannot import torch; make $ROOT/.venv (bash scripts/setup_env.sh, needs a package registry) or set GPU_CHECK_PYTHON to a Python that has the repository's requirements" >&2
   exit 2
 fi
 for module in deepspeed xformers yaml; do

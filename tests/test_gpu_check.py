@@ -75,7 +75,8 @@ def running(pid: int) -> bool:
 
 def test_cpu_smoke_prints_the_table_and_json(gpu_check, tmp_path: Path) -> None:
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--log-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, "AUDIOLDM_ATTENTION": ""})
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "AUDIOLDM_ATTENTION": "", "GPU_CHECK_PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     table = [line for line in lines if line.startswith("| ")]
