@@ -533,12 +533,17 @@ def run_part_here(name: str, sizes: Sizes) -> None:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() and sizes is GPU else "cpu")
-    if name in ENGINE_PARTS:
-        from audioldm_dist.engine.distributed import DistEnv, init_process_group
+    if name not in ENGINE_PARTS:
+        rows = PARTS[name][1](sizes, device)
+    else:
+        from audioldm_dist.engine.distributed import DistEnv, destroy_process_group, init_process_group
 
         os.environ.update(single_rank_environment(free_port()))
         init_process_group(DistEnv.from_environ(), timeout_s=300)
-    rows = PARTS[name][1](sizes, device)
+        try:
+            rows = PARTS[name][1](sizes, device)
+        finally:
+            destroy_process_group(barrier=False)  # one rank: nobody to wait for
     print(json.dumps({"rows": rows}))
 
 
@@ -548,6 +553,15 @@ def error_line(stderr: str) -> str:
     errors = [line for line in lines if ("Error" in line or "Exception" in line) and not line.startswith("File ")]
     text = (errors or lines or ["no output"])[-1]
     return text[:300]
+
+
+def end_process_group(child: subprocess.Popen) -> None:
+    """Kills the part and everything it started (op builds, loader workers, train.py), then reaps it."""
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    child.communicate()
 
 
 def run_part_process(name: str, *, sizes: Sizes, smoke: bool, timeout: float, log_dir: Path) -> list[dict]:
@@ -561,10 +575,12 @@ def run_part_process(name: str, *, sizes: Sizes, smoke: bool, timeout: float, lo
                                  start_new_session=True)
         try:
             stdout, _ = child.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)  # the part and anything it started (op builds, loader workers)
-            child.communicate()
+        except BaseException as error:  # the timeout, or Ctrl-C: the child's own session would not see the latter
+            end_process_group(child)
+            if not isinstance(error, subprocess.TimeoutExpired):
+                raise
             return [row(title, f"timeout after {timeout:.0f} s", detail=f"log: {log_path}")]
+    log_path.with_suffix(".stdout").write_text(stdout)  # DeepSpeed's own messages, kept apart from the errors
     if child.returncode == 0:
         for line in reversed(stdout.strip().splitlines()):  # DeepSpeed prints too: the rows are the last JSON line
             if line.startswith('{"rows": '):
