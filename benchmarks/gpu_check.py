@@ -399,7 +399,7 @@ def s_zero2_bf16_rows(sizes: Sizes, device) -> list[dict]:
                        + training_detail(result, spec),
                 samples_per_s=round(result["samples_per_s"], 3), mfu=None if value is None else round(value, 4),
                 flops_per_step=result["flops_per_step"], peak_gib=round(result["peak_bytes"] / GIB, 3),
-                micro_batch=spec.micro_batch)]
+                peak_kind=result["peak_kind"], micro_batch=spec.micro_batch)]
 
 
 def m_offload_rows(sizes: Sizes, device) -> list[dict]:
@@ -419,7 +419,7 @@ def m_offload_rows(sizes: Sizes, device) -> list[dict]:
                 memory=format_memory(result["peak_bytes"], what=result["peak_kind"]),
                 detail=f"{result['cap']}; " + training_detail(result, spec), fits=True,
                 samples_per_s=round(result["samples_per_s"], 3), peak_gib=round(result["peak_bytes"] / GIB, 3),
-                micro_batch=spec.micro_batch)]
+                peak_kind=result["peak_kind"], micro_batch=spec.micro_batch)]
 
 
 def fp16_rows(sizes: Sizes, device) -> list[dict]:
