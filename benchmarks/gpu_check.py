@@ -50,6 +50,13 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() not
 
 GIB = 2**30
 MEMORY_CAP_GIB = 15.0
+TITLES = {  # part → the check its row names (several rows for attention: one per kernel and case)
+    "attention": "attention kernels",
+    "s_zero2_bf16": "S-UNet ZeRO-2 bf16 step",
+    "m_offload": f"M ZeRO-2 + CPU offload + checkpointing, {MEMORY_CAP_GIB:g} GiB cap",
+    "fp16": "S-UNet fp16 step, dynamic loss scale",
+    "encoded": "train.py step, encoded vs on-the-fly shards",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +132,7 @@ def single_rank_environment(port: int) -> dict[str, str]:
 ATTENTION_ATOL = 1e-3
 ATTENTION_FUDGE = 2.0
 """A bf16 kernel agrees when each of its errors is within max(1e-3, 2 × the bf16 math kernel's own error)."""
+
 
 def kernel_unavailable(backend: str, device) -> str | None:
     """Why `backend` cannot run on `device` ("not installed", "needs CUDA", "not importable: …"), else None."""
@@ -392,7 +400,7 @@ def s_zero2_bf16_rows(sizes: Sizes, device) -> list[dict]:
     result = measure_training(spec, sizes, device)
     mfu, value = mfu_text(result, device)
     finite = all(map(_finite, result["losses"]))
-    return [row("S-UNet ZeRO-2 bf16 step", "ok" if finite else "loss not finite",
+    return [row(TITLES["s_zero2_bf16"], "ok" if finite else "loss not finite",
                 speed=f"{result['samples_per_s']:.2f} samples/s, {mfu}",
                 memory=format_memory(result["peak_bytes"], what=result["peak_kind"]),
                 detail=f"{result['flops_per_step'] / 1e12:.3f} TFLOP per forward+backward (FlopCounterMode); "
@@ -408,7 +416,7 @@ def m_offload_rows(sizes: Sizes, device) -> list[dict]:
     spec = TrainSpec(config=sizes.m_config, ds_config="configs/ds/zero2_offload.json",
                      micro_batch=sizes.m_micro_batch, overrides=("unet.gradient_checkpointing=true",),
                      ds_changes={"bf16": {"enabled": True}}, memory_cap_gib=MEMORY_CAP_GIB)
-    check = f"M ZeRO-2 + CPU offload + checkpointing, {MEMORY_CAP_GIB:g} GiB cap"
+    check = TITLES["m_offload"]
     try:
         result = measure_training(spec, sizes, device)
     except torch.cuda.OutOfMemoryError as error:
@@ -427,7 +435,7 @@ def fp16_rows(sizes: Sizes, device) -> list[dict]:
     result = measure_training(spec, sizes, device)
     loss, steps = result["losses"][-1], len(result["losses"])
     finite = _finite(loss)
-    return [row("S-UNet fp16 step, dynamic loss scale", "ok" if finite else "loss not finite",
+    return [row(TITLES["fp16"], "ok" if finite else "loss not finite",
                 speed=f"{result['samples_per_s']:.2f} samples/s",
                 memory=format_memory(result["peak_bytes"], what=result["peak_kind"]),
                 detail=f"last loss {loss:.4f}, loss scale {result['loss_scale']} after {steps} steps "
@@ -497,7 +505,7 @@ def encoded_rows(sizes: Sizes, device) -> list[dict]:
                     what="encode-shards")
         on_the_fly = train_samples_per_s(config, audio, Path(tmp, "run_audio"), device=device, steps=steps)
         from_latents = train_samples_per_s(config, encoded, Path(tmp, "run_encoded"), device=device, steps=steps)
-    return [row("train.py step, encoded vs on-the-fly shards", "ok",
+    return [row(TITLES["encoded"], "ok",
                 speed=f"{from_latents:.2f} vs {on_the_fly:.2f} samples/s ({from_latents / on_the_fly:.2f}x)",
                 detail=f"{config}, demo data, median of {steps - 2} steps each, {' '.join(Path(c).name for c in command)}",
                 encoded_samples_per_s=round(from_latents, 3), on_the_fly_samples_per_s=round(on_the_fly, 3))]
@@ -505,13 +513,9 @@ def encoded_rows(sizes: Sizes, device) -> list[dict]:
 
 # ---------------------------------------------------------------- the parts, each in its own process
 
-PARTS = {  # name → (title of its row when it cannot run, function of (sizes, device) → rows)
-    "attention": ("attention kernels", attention_rows),
-    "s_zero2_bf16": ("S-UNet ZeRO-2 bf16 step", s_zero2_bf16_rows),
-    "m_offload": (f"M ZeRO-2 + CPU offload + checkpointing, {MEMORY_CAP_GIB:g} GiB cap", m_offload_rows),
-    "fp16": ("S-UNet fp16 step, dynamic loss scale", fp16_rows),
-    "encoded": ("train.py step, encoded vs on-the-fly shards", encoded_rows),
-}
+PARTS = {"attention": attention_rows, "s_zero2_bf16": s_zero2_bf16_rows, "m_offload": m_offload_rows,
+         "fp16": fp16_rows, "encoded": encoded_rows}
+"""Part name → its function of (sizes, device) → rows, in the table's order."""
 ENGINE_PARTS = ("s_zero2_bf16", "m_offload", "fp16")
 """Parts that build a DeepSpeed engine in their own process (one rank: the process group is theirs)."""
 NEEDS_DEEPSPEED = (*ENGINE_PARTS, "encoded")
@@ -534,14 +538,14 @@ def run_part_here(name: str, sizes: Sizes) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() and sizes is GPU else "cpu")
     if name not in ENGINE_PARTS:
-        rows = PARTS[name][1](sizes, device)
+        rows = PARTS[name](sizes, device)
     else:
         from audioldm_dist.engine.distributed import DistEnv, destroy_process_group, init_process_group
 
         os.environ.update(single_rank_environment(free_port()))
         init_process_group(DistEnv.from_environ(), timeout_s=300)
         try:
-            rows = PARTS[name][1](sizes, device)
+            rows = PARTS[name](sizes, device)
         finally:
             destroy_process_group(barrier=False)  # one rank: nobody to wait for
     print(json.dumps({"rows": rows}))
@@ -566,7 +570,7 @@ def end_process_group(child: subprocess.Popen) -> None:
 
 def run_part_process(name: str, *, sizes: Sizes, smoke: bool, timeout: float, log_dir: Path) -> list[dict]:
     """Part `name` in a child process with its own session (killed whole on timeout); its log in `log_dir`."""
-    title = PARTS[name][0]
+    title = TITLES[name]
     log_path = log_dir / f"{name}.log"
     command = [sys.executable, str(Path(__file__).resolve()), "--part", name] + (["--cpu-smoke"] if smoke else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -632,7 +636,8 @@ def run_all(*, sizes: Sizes, smoke: bool, cuda: bool, log_dir: Path) -> list[dic
     """Every part in turn, each under its own timeout and all within `sizes.budget_s`."""
     deadline = time.monotonic() + sizes.budget_s
     rows = []
-    for name, (title, _) in PARTS.items():
+    for name in PARTS:
+        title = TITLES[name]
         blocker = part_blocker(name, cuda=cuda and not smoke)
         remaining = deadline - time.monotonic()
         if blocker:

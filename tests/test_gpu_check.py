@@ -45,7 +45,7 @@ def test_a_crashing_part_is_its_rows_error(gpu_check, tmp_path: Path, monkeypatc
                                                                  "echo 'RuntimeError: boom in the part' >&2\nexit 3"))
     rows = gpu_check.run_part_process("fp16", sizes=gpu_check.CPU_SMOKE, smoke=True, timeout=30, log_dir=tmp_path)
     assert [r["status"] for r in rows] == ["error"]
-    assert rows[0]["check"] == gpu_check.PARTS["fp16"][0]
+    assert rows[0]["check"] == gpu_check.TITLES["fp16"]
     assert "RuntimeError: boom in the part" in rows[0]["detail"] and "exit 3" in rows[0]["detail"]
 
 
@@ -90,12 +90,12 @@ def test_cpu_smoke_prints_the_table_and_json(gpu_check, tmp_path: Path) -> None:
     assert len([row for row in attention if row.get("backend") == "math"]) == 2
     xformers = {row["status"] for row in attention if row["check"].startswith("attention xformers")}
     assert xformers == {"needs CUDA" if importlib.util.find_spec("xformers") else "not installed"}
-    step = rows["S-UNet ZeRO-2 bf16 step"]
+    step = rows[gpu_check.TITLES["s_zero2_bf16"]]
     assert step["status"] == "ok", logs
     assert step["flops_per_step"] > 1e9 and step["samples_per_s"] > 0 and step["mfu"] is None
-    assert rows["M ZeRO-2 + CPU offload + checkpointing, 15 GiB cap"]["status"] == "fits", logs
-    assert rows["S-UNet fp16 step, dynamic loss scale"]["status"] == "needs CUDA"
-    encoded = rows["train.py step, encoded vs on-the-fly shards"]
+    assert rows[gpu_check.TITLES["m_offload"]]["status"] == "fits", logs
+    assert rows[gpu_check.TITLES["fp16"]]["status"] == "needs CUDA"
+    encoded = rows[gpu_check.TITLES["encoded"]]
     if gpu_check.encode_shards_command() is None:
         assert encoded["status"] == "encode-shards not available" and "encode-shards" in report["missing"]
     else:
