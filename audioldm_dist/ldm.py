@@ -26,6 +26,12 @@ from audioldm_dist.models.griffinlim import GriffinLim
 from audioldm_dist.models.vocoder import HiFiGAN
 
 
+def latent_shape(config: Config) -> tuple[int, int, int]:
+    """(C, frames/f, mels/f) of one crop's latent, from the config alone (no model is built)."""
+    factor = AutoencoderKL.factor_for(config.vae)
+    return config.vae.embed_dim, config.audio.num_frames // factor, config.audio.n_mel_channels // factor
+
+
 class AudioLDM(nn.Module):
     def __init__(self, config: Config, *, captions: list[str] | None = None,
                  load_conditioner_weights: bool = True) -> None:
@@ -65,9 +71,7 @@ class AudioLDM(nn.Module):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        factor = self.vae.downsampling_factor
-        return (self.config.vae.embed_dim, self.config.audio.num_frames // factor,
-                self.config.audio.n_mel_channels // factor)
+        return latent_shape(self.config)
 
     def batch_log_mel(self, batch: dict) -> torch.Tensor:
         device = next(self.vae.parameters()).device

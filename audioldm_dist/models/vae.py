@@ -179,9 +179,14 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
         self.register_buffer("scale_factor", torch.tensor(float(config.scale_factor)))
 
+    @staticmethod
+    def factor_for(config: VAEConfig) -> int:
+        """How much the encoder shrinks frames and mel bins: one halving per level after the first."""
+        return 2 ** (len(config.ch_mult) - 1)
+
     @property
     def downsampling_factor(self) -> int:
-        return 2 ** (len(self.config.ch_mult) - 1)
+        return self.factor_for(self.config)
 
     def encode(self, mel: torch.Tensor) -> DiagonalGaussian:
         """(B, 1, frames, mels) → posterior over (B, embed_dim, frames/f, mels/f)."""
