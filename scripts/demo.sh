@@ -3,7 +3,7 @@
 # demo data → shards → the original's two stages on 2 CPU ranks (DeepSpeed ZeRO-2): the VAE (train.target=vae),
 # then the latent diffusion model on its latents, checkpointed, resumed once, validated with samples → export →
 # sample the test captions on 2 ranks → evaluate (metrics and caption conformance) → an HTML report.
-# About 10 minutes on 2 cores after set-up. The goal, samples that follow their captions, is not reached yet
+# About 11 minutes on 2 cores after set-up. The goal, samples that follow their captions, is not reached yet
 # (README: "The demo: does it learn?").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ PY=.venv/bin/python
 export WANDB_MODE=${WANDB_MODE:-offline}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # everything is built from configs; no hub retries on offline machines
 VAE_STEPS=${DEMO_VAE_STEPS:-200}
-LDM_STEPS=${DEMO_LDM_STEPS:-500}
+LDM_STEPS=${DEMO_LDM_STEPS:-1000}
 VAL_EVERY=${DEMO_VAL_EVERY:-$((LDM_STEPS / 2))}  # benchmarks/learning.py validates more often
 VAL_SAMPLES=${DEMO_VAL_SAMPLES:-12}
 started=$SECONDS
