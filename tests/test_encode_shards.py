@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from audioldm_dist.build import build_model_with_weights, tokenizer_captions
 from audioldm_dist.config import load_config
@@ -89,3 +90,18 @@ def test_two_ranks_on_encoded_shards_match_audio_shards_and_resume_exactly(train
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in resumed:
         assert resumed[step] == pytest.approx(got[step], abs=1e-6), step
+
+
+def test_stored_arrays_read_back_and_damaged_ones_are_corrupt_samples() -> None:
+    from audioldm_dist.data.audio import AudioDecodeError
+    from audioldm_dist.data.encoded import array_bytes, read_array
+
+    value = torch.randn(8, 16, 4)
+    for storage, tolerance in (("float32", 0.0), ("float16", 1e-2)):
+        assert torch.allclose(read_array(array_bytes(value, dtype=storage), name="x"), value, atol=tolerance)
+    mask = torch.tensor([True, False, True])
+    assert torch.equal(read_array(array_bytes(mask, dtype="float16"), name="m"), mask)
+    data = array_bytes(value, dtype="float16")
+    for damaged in (data[:-10], b"not npy" + data, array_bytes(torch.tensor([1.0, float("nan")]), dtype="float32")):
+        with pytest.raises(AudioDecodeError, match="x.npy"):
+            read_array(damaged, name="x.npy")
