@@ -453,14 +453,14 @@ def _finite(value: float) -> bool:
 # ---------------------------------------------------------------- encoded vs on-the-fly data
 
 def encode_shards_command() -> list[str] | None:
-    """The `encode-shards` CLI (issue 14, built elsewhere): on PATH, beside this Python, or `shards.encode`."""
+    """The `encode-shards` CLI: on PATH, beside this Python, or `python -m shards.encode_cli`."""
     import shutil
 
     found = shutil.which("encode-shards") or shutil.which("encode-shards", path=str(Path(sys.executable).parent))
     if found:
         return [found]
-    if importlib.util.find_spec("shards.encode") is not None:
-        return [sys.executable, "-m", "shards.encode"]
+    if importlib.util.find_spec("shards.encode_cli") is not None:
+        return [sys.executable, "-m", "shards.encode_cli"]
     return None
 
 

@@ -42,6 +42,10 @@ def task_runner(*, workers: int, preload: list[str], progress: ProgressCallback 
     `initializer(*initargs)` runs once in each worker (in-process: once, now)."""
     global _sink
     if workers <= 1:
+        import torch
+
+        # one thread, as in the workers: float sums in another order would change the bytes written
+        threads, _ = torch.get_num_threads(), torch.set_num_threads(1)
         if initializer is not None:
             initializer(*initargs)
         previous, _sink = _sink, (lambda item: progress(*item)) if progress is not None else None
@@ -49,6 +53,7 @@ def task_runner(*, workers: int, preload: list[str], progress: ProgressCallback 
             yield lambda function, tasks: (function(task) for task in tasks)
         finally:
             _sink = previous
+            torch.set_num_threads(threads)
         return
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(preload)

@@ -2,6 +2,8 @@
 shards that matches training on the audio shards and resumes exactly."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from audioldm_dist.engine.trainer import _check_encoded_shards
 from shards.encode import crop_starts
 from shards.encode_cli import main as encode_main
 from shards.manifest import Manifest
+from processes import free_port
 from test_engine import _launch, _losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,9 +41,14 @@ def test_crop_rule_windows_every_hop_plus_the_tail() -> None:
     assert crop_starts(250, 10, duration=10.0, hop=5.0, max_crops=2) == [0, 50]
 
 
-def test_encoding_twice_with_two_workers_is_byte_identical_and_verifies(train_shards: Path, tmp_path: Path) -> None:
+def test_encoding_with_two_workers_or_two_ranks_is_byte_identical_and_verifies(train_shards: Path, tmp_path: Path) -> None:
     _encode(tmp_path / "a", train_shards)
-    _encode(tmp_path / "b", train_shards)
+    # the same job on 2 ranks (the trainer's launcher), one worker each: the same bytes
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+               "shards/encode_cli.py", "--config", TINY, "--out", str(tmp_path / "b"), "--workers", "1",
+               "--quiet", str(train_shards)]
+    ranks = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert ranks.returncode == 0, ranks.stdout[-3000:] + ranks.stderr[-3000:]
     first, second = _tars(tmp_path / "a"), _tars(tmp_path / "b")
     assert len(first) == len(Manifest.load(train_shards).shards) and first == second
     manifest = Manifest.load(tmp_path / "a")
