@@ -3,7 +3,7 @@
 # demo data → shards → the original's two stages on 2 CPU ranks (DeepSpeed ZeRO-2): the VAE (train.target=vae),
 # then the latent diffusion model on its latents, checkpointed, resumed once, validated with samples → export →
 # sample the test captions on 2 ranks → evaluate (metrics and caption conformance) → an HTML report.
-# About 11 minutes on 2 cores after set-up. The goal, samples that follow their captions, is not reached yet
+# About 12 minutes on 2 cores after set-up. The goal, samples that follow their captions, is not reached yet
 # (README: "The demo: does it learn?").
 set -euo pipefail
 cd "$(dirname "$0")/.."
