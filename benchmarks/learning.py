@@ -8,7 +8,8 @@ validation every `--val-every` LDM steps, then, for every validation step, score
 val captions with the conformance metric (`python -m audioldm_dist.eval --conformance`) beside the
 validation loss, and finally the test-caption samples. Minutes are LDM training time: the sum of the
 logged step times up to that step (start-up, validation and checkpoints left out); the VAE's
-minutes are printed apart. Prints a markdown table, writes DIR/learning.png, then one JSON line.
+minutes are printed apart. Last, the caption use of the final model (`caption_use`). Prints a markdown
+table, writes DIR/learning.png, then one JSON line.
 `--reuse` analyses an existing DIR without training.
 """
 from __future__ import annotations
@@ -52,6 +53,39 @@ def rows_for(out: Path) -> list[dict]:
     return rows
 
 
+def caption_use(out: Path, *, repeats: int = 4) -> float:
+    """How much the final model uses its captions: its validation loss (no dropout, the same latents, noise and
+    timesteps) with every caption swapped for another val clip's, relative to the right captions, in %.
+    Near 0: the model has learned the sound of the set but ignores what the captions say."""
+    import random
+
+    import torch
+
+    from audioldm_dist.config import Config, from_dict
+    from audioldm_dist.data.sources import resolve_specs
+    from audioldm_dist.data.stream import ShardStream, StreamOptions, make_loader
+    from audioldm_dist.ldm import AudioLDM
+    from audioldm_dist.pretrained import load_pretrained, read_export_metadata
+
+    checkpoint = max((out / "run").glob("export_global_step*.ckpt"), key=lambda path: step_of(Path(path.stem)))
+    config = from_dict(Config, json.loads((out / "run" / "config.json").read_text()), where="run config.json")
+    model = AudioLDM(config, captions=read_export_metadata(checkpoint).get("captions"), load_conditioner_weights=False)
+    load_pretrained(model, checkpoint)
+    model.eval()
+    stream = ShardStream(resolve_specs([str(out / "shards/val")]), audio=config.audio,
+                         options=StreamOptions(batch_size=48, shuffle=False, drop_last=False, max_epochs=1))
+    batch = next(iter(make_loader(stream)))
+    right = wrong = 0.0
+    with torch.no_grad():
+        for repeat in range(repeats):
+            order = list(range(len(batch["text"])))
+            random.Random(repeat).shuffle(order)
+            swapped = {**batch, "text": [batch["text"][i] for i in order]}
+            right += float(model.loss(batch, generator=torch.Generator().manual_seed(repeat), guidance_dropout=False))
+            wrong += float(model.loss(swapped, generator=torch.Generator().manual_seed(repeat), guidance_dropout=False))
+    return 100.0 * (wrong - right) / right
+
+
 def cell(value) -> str:
     return "–" if value is None else f"{value:.0%}" if isinstance(value, float) and value <= 1 else str(value)
 
@@ -89,6 +123,7 @@ def main() -> int:
     rows = rows_for(args.out)
     vae_minutes = minutes_at(read_records(args.out / "vae"), 10**9)
     test = accuracy(args.out / "samples")
+    use = caption_use(args.out)
     print(f"## Learning on the demo set (VAE stage: {vae_minutes:.1f} min before these)\n")
     print("| LDM step | minutes | val loss | tone note (chance 14%) | chirp direction (chance 50%) |")
     print("|---:|---:|---:|---:|---:|")
@@ -96,9 +131,11 @@ def main() -> int:
         print(f"| {row['step']} | {row['minutes']:.1f} | {row['val_loss']:.4f} | {cell(row['tone note'])} | "
               f"{cell(row['chirp direction'])} |")
     print(f"| test captions (final) | | | {cell(test['tone note'])} | {cell(test['chirp direction'])} |\n")
+    print(f"caption use (final model): val loss {use:+.1f}% with every caption swapped for another's "
+          f"(0%: the captions are ignored)\n")
     plot(rows, args.out / "learning.png")
     print(f"plot: {args.out / 'learning.png'}")
-    print(json.dumps({"benchmark": "learning", "vae_minutes": round(vae_minutes, 2), "validation": rows,
+    print(json.dumps({"benchmark": "learning", "vae_minutes": round(vae_minutes, 2), "validation": rows, "caption_use_percent": round(use, 2),
                       "test": test}))
     return 0
 
