@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from audioldm_dist.engine import checkpoint
-from audioldm_dist.engine.trainer import FROZEN_PARTS
 from audioldm_dist.fileio import DiskFullError, atomic_torch_save
 
 PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "vocoder": "first_stage_model.vocoder.",
@@ -32,7 +31,7 @@ def export(run_dir: Path, *, tag: str | None = None, out: Path | None = None) ->
         raise ValueError(f"{run_dir}: no complete checkpoint to export (no {checkpoint.checkpoint_dir(run_dir) / 'latest'})")
     trained_state = get_fp32_state_dict_from_zero_checkpoint(str(point.load_dir), tag=point.tag)
     client = checkpoint.load_client_state(point)
-    frozen_path = run_dir / FROZEN_PARTS
+    frozen_path = run_dir / checkpoint.FROZEN_PARTS
     if not frozen_path.is_file():
         raise ValueError(f"{frozen_path} missing: the run's frozen parts are needed for export")
     frozen = torch.load(frozen_path, map_location="cpu", weights_only=False)

@@ -176,3 +176,19 @@ def load_rng_state(point: ResumePoint, *, rank: int) -> dict | None:
     if point.meta["world_size"] != current_world_size:
         return None  # other ranks: the caller reseeds deterministically
     return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+FROZEN_PARTS = "frozen_parts.pt"
+"""The run directory's copy of the parts that do not train (`save_frozen_parts`), read by `export`."""
+
+
+def save_frozen_parts(model, path: Path, *, trained: str) -> None:
+    """The parts that do not train (all but `trained`) never change and are not in DeepSpeed's files;
+    kept once per run so `export` writes a complete model (random_init ones cannot be rebuilt elsewhere)."""
+    from audioldm_dist.fileio import atomic_torch_save
+    from audioldm_dist.pretrained import PARTS
+
+    state = {part: getattr(model, part).state_dict() for part in PARTS if part != trained}
+    state["trained"] = trained
+    state["captions"] = getattr(model, "captions", None)
+    atomic_torch_save(path, state)

@@ -41,7 +41,6 @@ from audioldm_dist.encoding import model_encoding
 from audioldm_dist.engine.vae_gan import VAEGAN, build_vae_gan, check_vae_ds_config, mean_metrics
 from audioldm_dist.models.lpips import load_lpips
 from audioldm_dist.objectives import TRAINED_PART, make_objective
-from audioldm_dist.pretrained import PARTS, LoadReport
 
 log = logging.getLogger("audioldm_dist.train")
 
@@ -187,8 +186,9 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
             _truncate_metrics(run_dir / "metrics.jsonl", after_step=step)
     elif env.is_main:
         (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1))
-    if env.is_main and not (run_dir / FROZEN_PARTS).is_file():
-        save_frozen_parts(model, run_dir / FROZEN_PARTS, trained=TRAINED_PART[config.train.target])
+    if env.is_main and not (run_dir / checkpoint.FROZEN_PARTS).is_file():
+        checkpoint.save_frozen_parts(model, run_dir / checkpoint.FROZEN_PARTS,
+                                     trained=TRAINED_PART[config.train.target])
 
     stream = ShardStream(shards, audio=config.audio, state=stream_state, options=StreamOptions(
         batch_size=config.train.micro_batch_size, rank=env.rank, world_size=env.world_size, seed=config.train.seed,
@@ -274,9 +274,6 @@ def train(config: Config, args: argparse.Namespace, env: DistEnv, *, stop: StopS
     return 0
 
 
-FROZEN_PARTS = "frozen_parts.pt"
-
-
 def _check_encoded_shards(model, config: Config, shards) -> dict | None:
     """Encoded shards (encode-shards): the model's encoding fingerprints, after checking that the shards were
     encoded with this VAE, conditioner and audio config (else EncodingMismatchError naming both); audio
@@ -292,17 +289,6 @@ def _check_encoded_shards(model, config: Config, shards) -> dict | None:
     log.info("encoded shards (fingerprint %s): no audio decode, STFT, VAE encoder or conditioner forward in "
              "training", expected["fingerprint"])
     return expected
-
-
-def save_frozen_parts(model, path: Path, *, trained: str) -> None:
-    """The parts that do not train (all but `trained`) never change and are not in DeepSpeed's files;
-    kept once per run so `export` writes a complete model (random_init ones cannot be rebuilt elsewhere)."""
-    from audioldm_dist.fileio import atomic_torch_save
-
-    state = {part: getattr(model, part).state_dict() for part in PARTS if part != trained}
-    state["trained"] = trained
-    state["captions"] = getattr(model, "captions", None)
-    atomic_torch_save(path, state)
 
 
 def _update_ema(ema: EMA, engine, *, zero_stage: int) -> None:

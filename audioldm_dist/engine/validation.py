@@ -30,6 +30,7 @@ from audioldm_dist.diffusion.ema import EMA
 from audioldm_dist.engine.distributed import collective_device
 from audioldm_dist.objectives import Objective
 from audioldm_dist.plots import spectrogram_png
+from audioldm_dist.prompts import safe_name, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +147,4 @@ class Validator:
 
 def _file_stem(fname: str, key: str, *, used: list[ValPrompt]) -> str:
     """The source file's stem (what `eval` pairs by), made safe and unique."""
-    from audioldm_dist.infer import safe_name
-
-    stem = safe_name(Path(fname).stem if fname else key)
-    taken = {prompt.key for prompt in used}
-    unique, suffix = stem, 1
-    while unique in taken:
-        suffix += 1
-        unique = f"{stem}_{suffix}"
-    return unique
+    return unique_name(safe_name(Path(fname).stem if fname else key), {prompt.key for prompt in used})

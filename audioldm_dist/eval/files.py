@@ -99,7 +99,7 @@ def read_captions_file(path: str | Path) -> dict[str, str]:
         if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
             raise ValueError(f"--captions {path}: expected a JSON object mapping file names to caption strings")
         return {Path(name).stem: caption for name, caption in data.items()}
-    from audioldm_dist.infer import read_prompts
+    from audioldm_dist.prompts import read_prompts
 
     return {prompt.name: prompt.caption for prompt in read_prompts(path)}
 
