@@ -104,9 +104,14 @@ def main(argv: list[str] | None = None) -> int:
           f"({totals['hours']:.3f} h, {totals['bytes'] / 1e6:.1f} MB) in {args.out}; "
           f"{result.num_written} written, {result.num_reused} reused; "
           f"{totals['num_failed']} failed ({result.failed_fraction:.1%}, see failures.jsonl)")
-    if result.failed_fraction > args.max_failures:
-        print(f"make-shards: error: {result.failed_fraction:.1%} of files failed, more than --max-failures "
-              f"{args.max_failures:.1%}; see {os.path.join(args.out, 'failures.jsonl')}", file=sys.stderr)
+    return failure_status("make-shards", "files", result.failed_fraction, limit=args.max_failures, out=args.out)
+
+
+def failure_status(tool: str, what: str, failed_fraction: float, *, limit: float, out: str) -> int:
+    """Exit status of a shard job: 1 with an error line when more than `limit` of its inputs failed, else 0."""
+    if failed_fraction > limit:
+        print(f"{tool}: error: {failed_fraction:.1%} of {what} failed, more than --max-failures {limit:.1%}; "
+              f"see {os.path.join(out, 'failures.jsonl')}", file=sys.stderr)
         return 1
     return 0
 

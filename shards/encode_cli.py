@@ -20,6 +20,7 @@ from audioldm_dist.config import load_config
 from audioldm_dist.data.encoded import EncodingMismatchError
 from audioldm_dist.fileio import DiskFullError
 from shards.encode import EncodeOptions, encode_shards
+from shards.cli import failure_status
 from shards.make import OptionsMismatchError
 from shards.verify import verify_folder
 
@@ -99,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"encode-shards: {totals['num_samples']} crops in {totals['num_shards']} shards "
           f"({totals['bytes'] / 1e6:.1f} MB) in {args.out}; {result.num_written} written, {result.num_reused} reused "
           f"(rank {rank}); {totals['num_failed']} clips failed ({result.failed_fraction:.1%}, see failures.jsonl)")
-    if result.failed_fraction > args.max_failures:
-        print(f"encode-shards: error: {result.failed_fraction:.1%} of clips failed, more than --max-failures "
-              f"{args.max_failures:.1%}", file=sys.stderr)
-        return 1
-    return 0
+    return failure_status("encode-shards", "clips", result.failed_fraction, limit=args.max_failures, out=args.out)
 
 
 if __name__ == "__main__":
