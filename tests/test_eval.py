@@ -211,11 +211,11 @@ def test_a_missing_checkpoint_is_an_error_naming_the_file(tmp_path: Path, capsys
 # --- end to end --------------------------------------------------------------------------------------------------
 
 def write_clips(folder: Path, names: list[str], *, seed: int, sample_rate: int = 16000, channels: int = 1,
-                captions: bool = False, base_hz: float = 220.0) -> None:
-    """1.05 s clips: a tone per name plus noise (long enough for one VGGish patch at any rate)."""
+                captions: bool = False, base_hz: float = 220.0, seconds: float = 1.05) -> None:
+    """1.05 s clips (by default): a tone per name plus noise (long enough for one VGGish patch at any rate)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    t = np.arange(int(1.05 * sample_rate)) / sample_rate
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
     for index, name in enumerate(names):
         tone = 0.3 * np.sin(2 * np.pi * (base_hz + 110 * index) * t)
         audio = tone[:, None] + 0.05 * rng.standard_normal((t.size, channels))
@@ -276,3 +276,19 @@ def test_cli_compares_two_folders_and_a_folder_with_itself(tmp_path: Path) -> No
     assert same["metrics"]["kullback_leibler_divergence_softmax"] == pytest.approx(0.0, abs=527 * KL_EPS)
     assert other["metrics"]["frechet_distance"] > 1e-3 and other["metrics"]["frechet_audio_distance"] > 1e-3
     assert same["metrics"]["clap_score"] is None and "no captions" in same["skipped_metrics"]["clap_score"]
+
+
+def test_clips_shorter_than_a_vggish_patch_are_listed_or_padded_with_pad_short(tmp_path: Path) -> None:
+    generated, reference = tmp_path / "generated", tmp_path / "reference"
+    write_clips(generated, ["x", "y", "z"], seed=5, seconds=0.64)  # the demo's trained length
+    write_clips(reference, ["x", "y", "z"], seed=6)
+    common = ["--generated", str(generated), "--reference", str(reference), "--random-backbones", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "skipped.json")]) == 0
+    skipped = json.loads((tmp_path / "skipped.json").read_text())
+    assert skipped["failed_files"]["generated"]["count"] == 3
+    assert "too_short" in json.dumps(skipped["failed_files"]["generated"])
+    assert skipped["metrics"]["frechet_audio_distance"] is None
+    assert main([*common, "--out", str(tmp_path / "padded.json"), "--pad-short"]) == 0
+    padded = json.loads((tmp_path / "padded.json").read_text())
+    assert padded["failed_files"]["generated"]["count"] == 0 and padded["settings"]["pad_short"] is True
+    assert padded["metrics"]["frechet_audio_distance"] > 1e-3 and padded["metrics"]["frechet_distance"] > 1e-3

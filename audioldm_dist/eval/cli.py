@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="random-initialised backbones: offline tests only, numbers NOT comparable")
     weights.add_argument("--trust-checkpoints", action="store_true", default=None,
                          help="allow full unpickling of checkpoint files that hold more than tensors")
+    parser.add_argument("--pad-short", action="store_true", default=None,
+                        help="zero-pad clips under 0.975 s (one VGGish patch) instead of skipping them: models trained "
+                             "on short clips, e.g. the demo's 0.64 s; numbers not comparable to papers")
     parser.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
     parser.add_argument("--seed", type=int)
     return parser
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_eval_config(args.config, {
             "panns_ckpt": args.panns_ckpt, "vggish_ckpt": args.vggish_ckpt, "clap_ckpt": args.clap_ckpt,
             "random_backbones": args.random_backbones, "trust_checkpoints": args.trust_checkpoints,
-            "device": args.device, "seed": args.seed})
+            "device": args.device, "seed": args.seed, "pad_short": args.pad_short})
         if args.generated is not None:
             if args.reference is None:
                 raise ValueError("--generated needs --reference (the folder of real clips)")

@@ -36,6 +36,10 @@ class EvalConfig:
     """Seed of the random backbones and of CLAP's crop of clips longer than its window."""
     max_listed: int = 10
     """How many names of unmatched or failed files the JSON and the log list (all are counted)."""
+    pad_short: bool = False
+    """Zero-pad clips shorter than one VGGish patch (0.975 s) to that length instead of skipping them: for models
+    trained and sampled on short clips (the demo's 0.64 s). audioldm_eval needs 0.975 s; padded numbers are not
+    comparable to papers (PANNs pads clips under 2 s in either case, as audioldm_eval does)."""
 
     def __post_init__(self) -> None:
         if self.max_listed < 0:

@@ -66,14 +66,15 @@ class Evaluator:
         clap = (None if self._clap is None else
                 str(Path(self.config.clap_ckpt).resolve()) if self.config.clap_ckpt else "random")
         return {"reference": str(job.reference.resolve()), "backbones": self.backbones.description, "clap": clap,
-                "captions_file": None if self.captions_file is None else str(Path(self.captions_file).resolve())}
+                "captions_file": None if self.captions_file is None else str(Path(self.captions_file).resolve()),
+                "pad_short": self.config.pad_short}
 
     def reference_features(self, folder: Path) -> FolderFeatures:
         key = folder.resolve()
         if key not in self._references:
             log.info("reference %s: extracting features", folder)
             self._references[key] = folder_features(list_clips(folder), self.backbones, clap=None,
-                                                    label=f"reference {folder.name}")
+                                                    label=f"reference {folder.name}", pad_short=self.config.pad_short)
         return self._references[key]
 
     def evaluate(self, job: Job, *, reuse: bool = False) -> dict:
@@ -93,7 +94,8 @@ class Evaluator:
         generated_clips, reference_clips = list_clips(job.generated), list_clips(job.reference)
         captions = self.captions_for(generated_clips)
         reference = self.reference_features(job.reference)
-        generated = folder_features(generated_clips, self.backbones, clap=self._clap, label=job.generated.name)
+        generated = folder_features(generated_clips, self.backbones, clap=self._clap, label=job.generated.name,
+                                    pad_short=self.config.pad_short)
         result = compute_metrics(generated, reference, captions=captions, clap=self._clap,
                                  clap_skip_reason=self.clap_skip_reason)
         pairing = pair_by_name(generated_clips, reference_clips)

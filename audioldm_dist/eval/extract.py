@@ -20,7 +20,7 @@ from audioldm_dist.eval.files import FailedFiles, load_mono, to_rate
 log = logging.getLogger("audioldm_dist.eval")
 
 MIN_SECONDS = vggish.MIN_NUM_SAMPLES / vggish.SAMPLE_RATE
-"""0.975 s: one VGGish patch. Shorter clips are skipped (and listed) rather than padded for VGGish."""
+"""0.975 s: one VGGish patch. Shorter clips are skipped (and listed), or zero-padded to it with `pad_short`."""
 
 
 @dataclass
@@ -39,10 +39,14 @@ class FolderFeatures:
 
 
 @torch.no_grad()
-def clip_features(path: Path, backbones: Backbones, *, clap: ClapScorer | None) -> dict[str, np.ndarray]:
-    """One file → its Cnn14 embedding and logits, VGGish patch embeddings and (optional) CLAP embedding."""
-    waveform, sample_rate = load_mono(path, min_seconds=MIN_SECONDS)  # (1, samples)
+def clip_features(path: Path, backbones: Backbones, *, clap: ClapScorer | None,
+                  pad_short: bool = False) -> dict[str, np.ndarray]:
+    """One file → its Cnn14 embedding and logits, VGGish patch embeddings and (optional) CLAP embedding;
+    `pad_short`: a clip under MIN_SECONDS is zero-padded to it (EvalConfig.pad_short) instead of refused."""
+    waveform, sample_rate = load_mono(path, min_seconds=0.0 if pad_short else MIN_SECONDS)  # (1, samples)
     audio_16k = torch.from_numpy(to_rate(waveform, sample_rate=sample_rate, target=panns.SAMPLE_RATE))
+    if pad_short and audio_16k.shape[1] < vggish.MIN_NUM_SAMPLES:
+        audio_16k = torch.nn.functional.pad(audio_16k, (0, vggish.MIN_NUM_SAMPLES - audio_16k.shape[1]))
     audio_16k = audio_16k.to(backbones.device)
     outputs = backbones.panns(panns.prepare_input(audio_16k))  # both backbones run at 16 kHz: one resample
     features = {"panns_embedding": outputs["embedding"][0].double().cpu().numpy(),
@@ -57,12 +61,12 @@ def clip_features(path: Path, backbones: Backbones, *, clap: ClapScorer | None) 
 
 
 def folder_features(clips: dict[str, Path], backbones: Backbones, *, clap: ClapScorer | None,
-                    label: str) -> FolderFeatures:
+                    label: str, pad_short: bool = False) -> FolderFeatures:
     """Features of every clip in `clips`; failures are logged, counted and skipped."""
     result = FolderFeatures()
     for number, (name, path) in enumerate(clips.items(), start=1):
         try:
-            features = clip_features(path, backbones, clap=clap)
+            features = clip_features(path, backbones, clap=clap, pad_short=pad_short)
         except AudioDecodeError as error:
             result.failed.add(path, f"{error.reason}: {error.detail}")
             log.warning("%s: skipped %s (%s)", label, path, error)
