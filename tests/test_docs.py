@@ -171,8 +171,6 @@ def _invocation(words: list[str]) -> tuple[str, list[str]] | None:
     head, rest = Path(words[0]).name, words[1:]
     if head in ("make-shards", "encode-shards"):
         return head, rest
-    if head in ("srun", "torchrun") and rest:
-        return _invocation([word for word in rest if not word.startswith("-")][:1] + rest[1:])
     if head == "deepspeed":
         while rest and not rest[0].endswith(".py") and rest[0] != "--module":
             rest = rest[2:] if len(rest) > 1 and not rest[1].startswith("-") and not rest[1].endswith(".py") \
