@@ -14,12 +14,16 @@ from audioldm_dist.config import load_config
 from audioldm_dist.pretrained import CheckpointError, map_state_dict, read_state_dict
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m audioldm_dist.check_checkpoint", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a released AudioLDM .ckpt, an exported state dict, or a HiFi-GAN .ckpt")
     parser.add_argument("--config", required=True, help="the experiment YAML the checkpoint should fit")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, args.set)
         state = read_state_dict(args.checkpoint)

@@ -204,11 +204,16 @@ def write_demo_dataset(out_dir: str | Path, *, num_clips: int = 240, seed: int =
     return root_path
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m audioldm_dist.demo_data", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="folder to write the dataset into")
     parser.add_argument("--num-clips", type=int, default=240, help="clips over all splits (80/10/10)")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         root = write_demo_dataset(args.out_dir, num_clips=args.num_clips, seed=args.seed)

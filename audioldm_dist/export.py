@@ -52,13 +52,17 @@ def export(run_dir: Path, *, tag: str | None = None, out: Path | None = None) ->
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m audioldm_dist.export", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("--tag", help="global_stepN (default: the newest complete checkpoint)")
     parser.add_argument("--out", help="output file (default: RUN_DIR/export_TAG.ckpt)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = build_parser().parse_args(argv)
     try:
         path = export(Path(args.run_dir), tag=args.tag, out=Path(args.out) if args.out else None)
     except ValueError as error:

@@ -14,7 +14,7 @@ from audioldm_dist.data.audio import AudioDecodeError, decode, downmix
 from audioldm_dist.data.features import MelFeatures, waveform_to_features
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m audioldm_dist.features",
                                      description="Write what the model sees for one audio file, the original way.")
     parser.add_argument("audio", help="an audio file (any rate, channels, format libsndfile reads)")
@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="crop start in seconds (default: the original random, silence-avoiding crop)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random crop when --start is not given")
     parser.add_argument("--out", required=True, help="output .npz with waveform, log_mel_spec, stft")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.set).audio

@@ -206,12 +206,16 @@ def read_original_config(path: str | Path) -> tuple[Config, list[str]]:
     return config, unmapped
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m audioldm_dist.original_config",
                                      description="Convert an original AudioLDM training YAML to ours.")
     parser.add_argument("original_yaml")
     parser.add_argument("--out", help="write our YAML here (default: print it)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     config, unmapped = read_original_config(args.original_yaml)
     text = yaml.safe_dump(to_dict(config), sort_keys=False)
     if args.out:

@@ -176,12 +176,16 @@ def write_report(run_dir: Path, *, samples: Path | None = None, out: Path | None
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m audioldm_dist.report", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="a training run directory (train.py --run-dir)")
     parser.add_argument("--samples", type=Path, help="folder of test-caption samples (default RUN_DIR/samples if any)")
     parser.add_argument("--out", type=Path, help=f"the HTML file (default RUN_DIR/{REPORT_NAME})")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     samples = args.samples
     if samples is None and (args.run_dir / "samples").is_dir():
         samples = args.run_dir / "samples"

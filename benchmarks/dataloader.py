@@ -91,11 +91,15 @@ def measure_stream(shards_dir: Path, audio: AudioConfig, num_workers: int, *, fe
     return num_batches * BATCH / (time.perf_counter() - first), first - started
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-clips", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(1)  # one core per loader process, as in the loader's workers
     audio = AudioConfig()  # 10.24 s at 16 kHz: the AudioLDM sample
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))

@@ -57,14 +57,18 @@ def steps_per_second(work: Path, name: str, *, port: int, config: str, shards: P
     return 1.0 / statistics.median(r["step_seconds"] for r in records if r["step"] > 1)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/audioldm_s.yaml")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--clips", type=int, default=48)
     parser.add_argument("--out", type=Path, help="work folder (default: a temporary one)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = args.out or Path(tempfile.mkdtemp(prefix="encoded_step_"))
     audio, encoded = make_data(work, args.config, args.clips)

@@ -650,12 +650,16 @@ def run_all(*, sizes: Sizes, smoke: bool, cuda: bool, log_dir: Path) -> list[dic
     return rows
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="every part at toy sizes on the CPU (tests)")
     parser.add_argument("--log-dir", type=Path, help="each part's log (default: a new temporary folder)")
     parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # child mode: one part
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     sizes = CPU_SMOKE if args.cpu_smoke else GPU
     if args.part:
         run_part_here(args.part, sizes)

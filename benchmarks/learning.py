@@ -111,12 +111,16 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=100, bbox_inches="tight")
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench_learning"))
     parser.add_argument("--val-every", type=int, default=100)
     parser.add_argument("--reuse", action="store_true", help="analyse an existing --out without training")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if not args.reuse:
         env = {**os.environ, "DEMO_VAL_EVERY": str(args.val_every), "DEMO_VAL_SAMPLES": "48"}  # every val clip
         subprocess.run(["bash", str(ROOT / "scripts/demo.sh"), str(args.out)], check=True, env=env, cwd=ROOT)

@@ -49,11 +49,15 @@ def timed(function, repeats: int) -> tuple[float, object]:
     return best, result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-clips", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(1)  # the same single thread per process that make-shards' workers use
     work = Path(tempfile.mkdtemp(prefix="bench_shards_"))
     try:

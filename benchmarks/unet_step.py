@@ -64,13 +64,17 @@ def run_row(backend: str, args: argparse.Namespace) -> None:
     print(json.dumps({"backend": backend, "seconds": seconds, "peak_mb": peak}))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--only", help=argparse.SUPPRESS)  # internal: measure one backend in this process
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.only:
         run_row(args.only, args)
         return

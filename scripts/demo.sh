@@ -4,7 +4,7 @@
 # then the latent diffusion model on its latents, checkpointed, resumed once, validated with samples → export →
 # sample the test captions on 2 ranks → evaluate (metrics and caption conformance) → an HTML report.
 # About 12 minutes on 2 cores after set-up. The goal, samples that follow their captions, is not reached yet
-# (README: "The demo: does it learn?").
+# (docs/demo.md: "The demo: does it learn?").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

@@ -168,14 +168,18 @@ def convert(*, vgg16: dict, heads: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m audioldm_dist.models.lpips",
                                      description="Write the vae.lpips_weights file from torchvision's VGG16 "
                                                  "and taming's LPIPS heads.")
     parser.add_argument("--vgg16", required=True, help="torchvision's vgg16-397923af.pth (ImageNet)")
     parser.add_argument("--heads", required=True, help="taming/LPIPS vgg.pth (linear heads lin0…lin4)")
     parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     state = convert(vgg16=torch.load(args.vgg16, map_location="cpu", weights_only=True),
                     heads=torch.load(args.heads, map_location="cpu", weights_only=True))
     LPIPS().load_state_dict(check_state(state, where=args.out))  # every key present, every shape right
