@@ -34,8 +34,9 @@ def _no_orphan_runs():
 
 
 def _launch(run_dir: Path, shards: Path | str, *, ranks: int = 2, stage: int | str = 2, max_steps: int = 6, save_every: int = 3,
-            extra: list[str] = (), wait: bool = True, ds_config: str | None = None):
-    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train.py",
+            extra: list[str] = (), wait: bool = True, ds_config: str | None = None, script: str = "train.py"):
+    """`script` (train.py's arguments) replaces train.py: test_ds_configs launches a wrapper of its main."""
+    command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), script,
                "--deepspeed_config", ds_config or f"configs/ds/zero{stage}.json", "--config", "configs/tiny.yaml",
                "--run-dir", str(run_dir), "--train-data", str(shards), "--max-steps", str(max_steps),
                "--save-every", str(save_every), *extra]
