@@ -104,18 +104,45 @@ def test_same_seed_same_audio_on_one_or_two_ranks(tiny_checkpoint: Path, tmp_pat
     assert sorted(two) == sorted(a) and all(np.allclose(two[k], a[k], atol=1e-6) for k in a)
 
 
-def test_best_of_n_candidates_by_clap_and_duration(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_best_of_n_candidates_by_clap_and_duration(tiny_checkpoint: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept file is the candidate with the highest CLAP text-audio cosine, scored here one candidate at a
+    time from the waveforms the model generated (recorded by wrapping `AudioLDM.generate`)."""
     import json
 
     import soundfile
+    import torch
 
+    from audioldm_dist.ldm import AudioLDM
+
+    generated: list[tuple[AudioLDM, list[str], torch.Tensor]] = []
+    generate = AudioLDM.generate
+
+    def recording(self, texts, **kwargs):
+        waveforms = generate(self, texts, **kwargs)
+        generated.append((self, list(texts), waveforms.detach().float().cpu()))
+        return waveforms
+
+    monkeypatch.setattr(AudioLDM, "generate", recording)
     lst = tmp_path / "captions.lst"
     lst.write_text("tone|A steady sine wave tone\nsiren|A wailing siren\n")
     assert _infer(tiny_checkpoint, tmp_path / "best", lst, "--n_candidates", "3", "--duration", "2.56") == 0
-    for name in ("tone", "siren"):
+    (model, texts, waveforms), = generated  # one batch: 2 captions × 3 candidates, (6, 1, T)
+    assert texts == ["A steady sine wave tone"] * 3 + ["A wailing siren"] * 3
+    for index, name in enumerate(("tone", "siren")):
+        candidates = waveforms[3 * index:3 * index + 3]
+        with torch.no_grad():
+            scores = [float(torch.nn.functional.cosine_similarity(
+                model.conditioner.encode_text([texts[3 * index]], device=torch.device("cpu")).film,
+                model.conditioner.encode_audio(candidate[None], sample_rate=16000).film)) for candidate in candidates]
+        best = max(range(3), key=scores.__getitem__)
+        assert sorted(scores)[-1] - sorted(scores)[-2] > 1e-6, scores  # a real choice, not a tie
         sidecar = json.loads((tmp_path / "best" / f"{name}.json").read_text())
-        assert sidecar["n_candidates"] == 3 and -1.0 <= sidecar["clap_score"] <= 1.0
-        assert soundfile.info(str(tmp_path / "best" / f"{name}.wav")).frames == 40960  # 2.56 s at 16 kHz
+        assert sidecar["n_candidates"] == 3 and sidecar["clap_score"] == pytest.approx(scores[best], abs=1e-5)
+        kept, rate = soundfile.read(str(tmp_path / "best" / f"{name}.wav"), dtype="float32")
+        assert rate == 16000 and len(kept) == 40960  # 2.56 s at 16 kHz
+        distances = [float((torch.from_numpy(kept) - candidate[0]).abs().max()) for candidate in candidates]
+        assert distances[best] < 1e-4 < min(d for i, d in enumerate(distances) if i != best), (distances, scores)
     assert _infer(tiny_checkpoint, tmp_path / "bad", lst, "--duration", "1.0") == 2
 
 

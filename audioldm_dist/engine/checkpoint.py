@@ -1,7 +1,9 @@
 """Checkpoints: DeepSpeed's sharded model/optimizer state plus our own small files, and `latest`.
 
     RUN/checkpoints/global_step{N}/   DeepSpeed's files (every rank writes its shards)
-        meta.json                      step, world size, ZeRO stage (written last by rank 0)
+        meta.json                      step, world size, ZeRO stage, the trained weights' dtype as the
+                                       engine holds them (bf16/fp16 JSONs: bfloat16/float16), written
+                                       last by rank 0
         client_state.pt                EMA, VAE scale, data stream state, config, wandb id (rank 0)
         rng_rank{R}.pt                 each rank's RNG states
         discriminator/                 train.target=vae: the discriminator engine's DeepSpeed files
@@ -112,7 +114,8 @@ def save(engine, *, run_dir: Path, step: int, client_state: dict, rng_state: dic
                                      f"space or move the run directory, then resume") from None
     _barrier()  # every rank has written its shards and RNG file
     if rank == 0:
-        meta = {"step": step, "world_size": world_size, "zero_stage": zero_stage}
+        meta = {"step": step, "world_size": world_size, "zero_stage": zero_stage,
+                "dtype": str(next(engine.module.parameters()).dtype).removeprefix("torch.")}
         atomic_write_bytes(tag_dir / META, json.dumps(meta).encode())
         atomic_write_bytes(folder / LATEST, tag.encode())
         _prune(folder, keep_last=keep_last)

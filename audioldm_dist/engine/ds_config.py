@@ -9,9 +9,12 @@ weight decay 0.01), no gradient clipping, linear warm-up then constant (ddpm.py:
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from audioldm_dist.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def _check_or_fill(ds: dict, key: str, value, *, path: Path, ours: str) -> None:
@@ -77,4 +80,15 @@ def initialize_engine(module, ds: dict, *, fresh: bool):
                                                                            if p.requires_grad], config=ds)
     if fresh and engine.lr_scheduler is not None:
         engine.lr_scheduler.step()
+    log.info("DeepSpeed engine: %s", describe_engine(engine))
     return engine
+
+
+def describe_engine(engine) -> str:
+    """What the engine really runs, read from it rather than from the JSON: module, ZeRO stage, weights' dtype,
+    optimizer class (DeepSpeedCPUAdam when offloaded) and accumulation."""
+    dtype = str(next(engine.module.parameters()).dtype).removeprefix("torch.")
+    offload = ", offloaded to the CPU" if engine.zero_cpu_offload() else ""
+    return (f"{type(engine.module).__name__} in {dtype}, ZeRO stage {engine.zero_optimization_stage()}, "
+            f"optimizer {type(engine.basic_optimizer).__name__}{offload}, "
+            f"gradient accumulation {engine.gradient_accumulation_steps()}")
