@@ -38,7 +38,7 @@ from audioldm_dist.data.audio import AudioDecodeError, decode
 from audioldm_dist.data.batch import make_sample
 from audioldm_dist.data.features import MelFeatures
 from audioldm_dist.data.sources import ShardInfo, resolve_specs
-from audioldm_dist.data.stream import detect_encoding, read_segment
+from audioldm_dist.data.shard_reader import detect_encoding, read_segment
 from shards.make import OPTIONS_FILE, _check_output_folder, progress_bar
 from shards.manifest import Manifest, ShardEntry, write_manifest
 from shards.pool import report, task_runner

@@ -2,7 +2,7 @@
 
 Which consumer reads which samples in which order is decided in `stream_plan` (read its docstring for
 the guarantees). This module does the I/O: it streams each consumer's segments of tar files (local
-paths or `pipe:` commands, through webdataset's `gopen`), passes the raw samples through the seeded
+paths or `pipe:` commands, through `shard_reader.read_segment`), passes the raw samples through the seeded
 shuffle buffer, decodes after the buffer, and yields ready batches; the DataLoader is used with
 `batch_size=None`. Faults never stop the run: a sample that fails to decode is replaced in its batch by
 another sample of the same batch, an unreadable tar member or a missing/truncated shard turns the rest
@@ -21,24 +21,22 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import signal
-import tarfile
 import threading
-import time
 from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 
 from audioldm_dist.config import AudioConfig, DataConfig
 from audioldm_dist.data import schema
 from audioldm_dist.data.audio import AudioDecodeError, decode
 from audioldm_dist.data.batch import collate, make_sample, padding_sample
-from audioldm_dist.data.encoded import ENCODING, EncodingMismatchError, encoded_sample, is_encoded
+from audioldm_dist.data.encoded import EncodingMismatchError, encoded_sample, is_encoded
 from audioldm_dist.data.features import MelFeatures
 from audioldm_dist.data.metadata import LabelIndex
+from audioldm_dist.data.shard_reader import read_segment, warn_rate_limited
 from audioldm_dist.data.sources import ShardInfo, shards_fingerprint
 from audioldm_dist.data.stream_plan import (Plan, Segment, StreamState, consumed_items, consumer_rng, epoch_segments,
                                             make_plan, shuffled, subtract, worker_batches)
@@ -90,87 +88,6 @@ def loader_options(data: DataConfig, *, device: torch.device) -> dict:
     in_loader = data.features_in_loader if data.features_in_loader is not None else device.type == "cpu"
     return {"num_workers": data.num_workers, "shuffle_buffer": data.shuffle_buffer, "features_in_loader": in_loader,
             "max_failed_fraction": data.max_failed_fraction, "allow_shard_sharing": data.allow_shard_sharing}
-
-
-class _RateLimitedWarnings:
-    """The first 10 warnings of a process, then one every 100: a bad shard must not flood the log."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, message: str, *args) -> None:
-        self.count += 1
-        if self.count <= 10 or self.count % 100 == 0:
-            log.warning(message + (" (warning %d)" % self.count if self.count > 10 else ""), *args)
-
-
-_warn = _RateLimitedWarnings()
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key is the member name up to the first dot of its base name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, extension = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), extension
-
-
-def read_segment(url: str, start: int, end: int) -> Iterator[tuple[int, dict | None]]:
-    """Samples `start..end-1` of one tar as raw members; placeholders (None) where the tar fails."""
-    next_index = start
-    stream = None
-    try:
-        stream = gopen(url, "rb")
-        index, key, members = -1, None, {}
-        with tarfile.open(fileobj=stream, mode="r|*") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                member_key, extension = _split_key(member.name)
-                if member_key != key:
-                    if key is not None and index >= start:
-                        yield index, members
-                        next_index = index + 1
-                    index, key, members = index + 1, member_key, {}
-                    if index >= end:
-                        break
-                if index >= start:
-                    members[extension] = archive.extractfile(member).read()
-            else:
-                if key is not None and start <= index < end:
-                    yield index, members
-                    next_index = index + 1
-    except Exception as error:  # a missing, truncated or unreadable shard is reported, not fatal
-        _warn("shard %s unreadable after sample %d: %s: %s", url, next_index, type(error).__name__, error)
-    finally:
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # a pipe closed early reports SIGPIPE; nothing is lost
-                pass
-    for index in range(next_index, end):
-        yield index, None
-
-
-def detect_encoding(shards: list[ShardInfo]) -> dict | None:
-    """The encoding fingerprints of encoded shards (from the first sample of the first shard), None for audio
-    shards. Every sample is checked again as it is read (`StreamOptions.encoding`)."""
-    for _, members in read_segment(shards[0].url, 0, 1):
-        if members is None:
-            raise ValueError(f"{shards[0].url}: unreadable, cannot tell audio from encoded shards")
-        if not is_encoded(members):
-            return None
-        return json.loads(members[schema.JSON_EXTENSION]).get(ENCODING, {})
-    return None
-
-
-def captions_for_tokenizer(shards) -> list[str]:
-    """Captions of the training shards: the vocabulary of a random_init (offline, tiny) text encoder."""
-    captions: list[str] = []
-    for shard in shards:
-        for _, members in read_segment(shard.url, 0, shard.num_samples):
-            if members and "json" in members:
-                captions.extend(json.loads(members["json"]).get("captions", []))
-    return sorted(set(captions))
 
 
 class ShardStream(IterableDataset):
@@ -324,7 +241,7 @@ class ShardStream(IterableDataset):
                                mel=self._mel, labels=self.labels, rng=rng)
         except (AudioDecodeError, ValueError, KeyError) as error:
             counters["failed"] += 1
-            _warn("skipping sample %d of shard %s: %s", index, url, error)
+            warn_rate_limited("skipping sample %d of shard %s: %s", index, url, error, logger=log)
             return None
 
     @property
