@@ -36,7 +36,7 @@ from audioldm_dist.config import Config, to_dict
 from audioldm_dist.data import encoded, schema
 from audioldm_dist.data.audio import AudioDecodeError, decode
 from audioldm_dist.data.batch import make_sample
-from audioldm_dist.data.features import MelFeatures
+from audioldm_dist.data.melspec import MelFeatures
 from audioldm_dist.data.sources import ShardInfo, resolve_specs
 from audioldm_dist.data.shard_reader import detect_encoding, read_segment
 from shards.make import OPTIONS_FILE, _check_output_folder, progress_bar

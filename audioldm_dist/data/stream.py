@@ -8,7 +8,7 @@ shuffle buffer, decodes after the buffer, and yields ready batches; the DataLoad
 another sample of the same batch, an unreadable tar member or a missing/truncated shard turns the rest
 of that shard's segment into placeholders that are skipped the same way, so every rank still yields
 the same number of batches (no hang). All of it is counted, with rate-limited warnings; the loader
-stops with an error only when the failed fraction exceeds `max_failed_fraction`.
+stops with an error only when the failed fraction exceeds `max_failed_fraction` (data.max_failed_fraction).
 Encoded shards (encode-shards, `StreamOptions.encoding`) go through the same plan, shuffle, resume and fault
 handling; only the per-sample decode differs (`data/encoded.py`: stored posterior and embeddings, no audio).
 """
@@ -34,7 +34,7 @@ from audioldm_dist.data import schema
 from audioldm_dist.data.audio import AudioDecodeError, decode
 from audioldm_dist.data.batch import collate, make_sample, padding_sample
 from audioldm_dist.data.encoded import EncodingMismatchError, encoded_sample, is_encoded
-from audioldm_dist.data.features import MelFeatures
+from audioldm_dist.data.melspec import MelFeatures
 from audioldm_dist.data.metadata import LabelIndex
 from audioldm_dist.data.shard_reader import read_segment, warn_rate_limited
 from audioldm_dist.data.sources import ShardInfo, shards_fingerprint
@@ -103,7 +103,8 @@ class ShardStream(IterableDataset):
             raise ValueError(
                 f"{len(shards)} shards for {options.world_size} ranks × {options.consumers_per_rank} workers = "
                 f"{num_consumers} readers: every reader needs at least one shard. Make more, smaller shards "
-                f"(make-shards --max-count), use fewer workers, or set data.allow_shard_sharing=true")
+                f"(make-shards --max-count), use fewer workers (data.num_workers), or set "
+                f"data.allow_shard_sharing=true")
         total = sum(shard.num_samples for shard in shards)
         if options.drop_last and total < options.batch_size * options.world_size:
             raise ValueError(f"{total} samples are fewer than one global batch "
@@ -276,7 +277,8 @@ class ShardStream(IterableDataset):
         if counters["items"] >= 20 and counters["failed"] > self.options.max_failed_fraction * counters["items"]:
             raise RuntimeError(
                 f"rank {self.options.rank}: {counters['failed']} of {counters['items']} samples failed, more than "
-                f"max_failed_fraction={self.options.max_failed_fraction}; see the warnings above for shards and keys")
+                f"data.max_failed_fraction={self.options.max_failed_fraction}; see the warnings above for shards and "
+                f"keys")
 
 
 class StreamTracker:

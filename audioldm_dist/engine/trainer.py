@@ -40,13 +40,13 @@ from audioldm_dist.engine.distributed import (DistEnv, attempt_id, build_lock_wa
                                               destroy_process_group, device_for, init_process_group)
 from audioldm_dist.engine.guard import JobGuard, inject_test_fault
 from audioldm_dist.engine.ds_config import initialize_engine, load_ds_config, training_dtype
-from audioldm_dist.engine.metrics import MetricsLogger
+from audioldm_dist.engine.run_log import MetricsLogger
 from audioldm_dist.engine.run_config import check_run_config
 from audioldm_dist.engine.signals import StopSignal
 from audioldm_dist.engine.validation import Validator
 from audioldm_dist.engine.vae_gan import VAEGAN, build_vae_gan, check_vae_ds_config, mean_metrics
 from audioldm_dist.models.lpips import load_lpips
-from audioldm_dist.objectives import TRAINED_PART, Objective, make_objective
+from audioldm_dist.engine.objectives import TRAINED_PART, Objective, make_objective
 
 log = logging.getLogger("audioldm_dist.train")
 
