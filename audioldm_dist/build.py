@@ -1,5 +1,6 @@
 """Config (+ a checkpoint) → the AudioLDM with its weights: the one builder the trainer and encode-shards share,
-so both see the same frozen VAE and conditioner (and so the same encoding fingerprint)."""
+so both see the same frozen VAE and conditioner (and so the same encoding fingerprint); and what the model
+needs to know of its shards before training (their captions, their encoding)."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +9,10 @@ import torch
 from torch import nn
 
 from audioldm_dist.config import Config
+from audioldm_dist.data.encoded import check_encoding
+from audioldm_dist.data.shard_reader import captions_for_tokenizer, detect_encoding
 from audioldm_dist.data.sources import ShardInfo
-from audioldm_dist.data.stream import captions_for_tokenizer
+from audioldm_dist.encoding import model_encoding
 from audioldm_dist.pretrained import LoadReport
 
 log = logging.getLogger(__name__)
@@ -43,3 +46,20 @@ def build_model_with_weights(config: Config, *, captions: list[str] | None, relo
     load_conditioner_unless_supplied(model, report, checkpoint=reload_from_ckpt)
     model.conditional_dry_run_finished = resuming
     return model, report
+
+
+def check_encoded_shards(shards: list[ShardInfo], *, model: nn.Module, config: Config) -> dict | None:
+    """Encoded shards (encode-shards): the model's encoding fingerprints, after checking that the shards were
+    encoded with this VAE, conditioner and audio config (else EncodingMismatchError naming both); audio
+    shards: None."""
+    found = detect_encoding(shards)
+    if found is None:
+        return None
+    if config.train.target != "ldm":
+        raise ValueError(f"{shards[0].url}: encoded shards hold VAE posteriors, not log-mels; train.target="
+                         f"{config.train.target} needs audio shards (make-shards output)")
+    expected = model_encoding(model, config)
+    check_encoding(found, expected, where=shards[0].url)
+    log.info("encoded shards (fingerprint %s): no audio decode, STFT, VAE encoder or conditioner forward in "
+             "training", expected["fingerprint"])
+    return expected

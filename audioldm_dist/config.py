@@ -1,8 +1,9 @@
 """Typed experiment configuration: one dataclass per section, loaded from YAML with `--set` overrides.
 
-Unknown keys are a `ValueError` that names the key and the allowed ones, so a typo fails at start-up
-instead of hours into a run. Later sections (model, diffusion, training) are added here as the code
-that reads them lands.
+Sections: `audio`, `data`, `unet`, `vae`, `vocoder`, `conditioner`, `diffusion`, `train` (`Config`), each field
+documented where it is declared. Unknown keys are a `ValueError` that names the key and the allowed ones,
+so a typo fails at start-up instead of hours into a run; `to_dict`/`from_dict` round-trip a config through
+the run's config.json and its checkpoints.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ class VAEConfig:
     scale_factor: float = 1.0
     """Latent scale; with `scale_by_std` the trainer sets it to 1/std of the first batch's latents."""
     scale_by_std: bool = True
-    # VAE training (train.target=vae): the original's LPIPSWithDiscriminator (objectives.py), defaults 16k_64.yaml.
+    # VAE training (train.target=vae): the original's LPIPSWithDiscriminator (engine/objectives.py), defaults 16k_64.yaml.
     kl_weight: float = 1000.0
     """Weight of the KL term, the mean over latent elements and batch (the original's `kl_weight`)."""
     perceptual_weight: float = 1.0

@@ -1,7 +1,8 @@
 """`python -m audioldm_dist.features AUDIO --config CONFIG [--start SECONDS] --out OUT.npz`
 
 Writes what the model sees for one file, computed the original way (crop at the file's rate, then
-resample): arrays `waveform` (1, T), `log_mel_spec` (frames, mels) and `stft` (frames, bins).
+resample): arrays `waveform` (1, T), `log_mel_spec` (frames, mels) and `stft` (frames, bins). The
+computation is the loader's own (`data/melspec.py`); this module is only its command line.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from audioldm_dist.config import load_config
 from audioldm_dist.data.audio import AudioDecodeError, decode, downmix
-from audioldm_dist.data.features import MelFeatures, waveform_to_features
+from audioldm_dist.data.melspec import MelFeatures, waveform_to_features
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,11 @@
 """The whole AudioLDM: conditioner → UNet over VAE latents → VAE decoder → HiFi-GAN (or Griffin-Lim).
 
 `AudioLDM.loss(batch)` is the DDPM training objective on a loader batch; `AudioLDM.generate(texts)`
-is DDIM with classifier-free guidance down to waveforms. Only the UNet is trainable: the VAE,
-vocoder and conditioner are frozen and kept out of the optimizer (`trainable_parameters`).
+is DDIM with classifier-free guidance down to waveforms. What trains depends on train.target: `ldm`
+(the default, AudioLDM's main stage) trains the UNet (`trainable_parameters`) with the VAE, vocoder
+and conditioner frozen; `vae` (the original's first stage) trains the VAE instead, with its own loss
+(`engine/objectives.py`), and leaves the UNet as it is. The VAE and vocoder are built frozen; the
+trainer unfreezes the part it trains.
 
 Conditioning in training follows the original recipe (`training_condition`), every draw from the
 generator passed to `loss` (the trainer's, so exact resume replays them): CLAP's text/audio switch per
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from audioldm_dist.config import Config
-from audioldm_dist.data.features import MelFeatures
+from audioldm_dist.data.melspec import MelFeatures
 from audioldm_dist.diffusion.ddim import ddim_sample, ddim_timesteps
 from audioldm_dist.diffusion.objective import diffusion_loss
 from audioldm_dist.diffusion.schedule import NoiseSchedule

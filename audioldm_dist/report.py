@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from audioldm_dist.config import AudioConfig, from_dict
-from audioldm_dist.data.features import MelFeatures
+from audioldm_dist.data.melspec import MelFeatures
 from audioldm_dist.eval.conformance import conformance_path, markdown as conformance_markdown
 from audioldm_dist.eval.files import list_clips, load_mono, sidecar_captions, to_rate
 from audioldm_dist.eval.runs import SUMMARY_NAME, metrics_path, validation_folders

@@ -37,7 +37,8 @@ from audioldm_dist.config import AudioConfig, load_config  # noqa: E402
 from audioldm_dist.data.metadata import DatasetRoot  # noqa: E402
 from audioldm_dist.data.mapstyle import MetadataDataset  # noqa: E402
 from audioldm_dist.data.sources import resolve_specs  # noqa: E402
-from audioldm_dist.data.stream import ShardStream, StreamOptions, detect_encoding, make_loader  # noqa: E402
+from audioldm_dist.data.shard_reader import detect_encoding  # noqa: E402
+from audioldm_dist.data.stream import ShardStream, StreamOptions, make_loader  # noqa: E402
 from audioldm_dist.demo_data import GENERATORS  # noqa: E402
 from shards.encode import EncodeOptions, encode_shards  # noqa: E402
 from shards.make import make_shards  # noqa: E402

@@ -2,14 +2,17 @@
 --time 48:00:00 -- --config configs/audioldm_s.yaml --deepspeed_config configs/ds/zero2.json --run-dir runs/s1 ...`
 
 Everything after `--` is `train.py`'s command line, unchanged: each task runs the same `main(argv)`
-(`audioldm_dist/engine/slurm_task.py`). Submission only lives here: checks (sbatch present, partition
+(`launch/slurm_task.py`). Submission only lives here: checks (sbatch present, partition
 known, run directory not another config's), the submitit parameters, `--dry-run`, `--local`, `--wait`.
+`--dry-run` needs no SLURM: it prints the sbatch script that submitit's SlurmExecutor writes for these
+parameters (`sbatch_script`; tests/test_launch_slurm.py compares it with the one a real submission wrote).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -156,6 +159,34 @@ def make_executor(args: argparse.Namespace, *, run_dir: Path, parameters: dict):
     return executor
 
 
+SBATCH_NAMES = {"name": "job_name", "nodes": "nodes", "tasks_per_node": "ntasks_per_node",
+                "cpus_per_task": "cpus_per_task", "gpus_per_node": "gpus_per_node", "timeout_min": "time",
+                "mem_gb": "mem"}
+"""`executor_parameters`' generic names → sbatch's; `slurm_X` parameters are sbatch's X (submitit's mapping)."""
+
+
+def sbatch_script(parameters: dict, *, folder: Path) -> str:
+    """The sbatch script submitit's SlurmExecutor writes for `executor_parameters` (its layout: #SBATCH lines
+    sorted by name, then srun over `python -m submitit.core._submit FOLDER`), with the job id still `%j`."""
+    flags = {"open-mode": "append", "wckey": "submitit", "output": str(folder / "%j_0_log.out"),
+             "error": str(folder / "%j_0_log.err")}
+    for name, value in parameters.items():
+        if name == "slurm_signal_delay_s":
+            flags["signal"] = f"USR2@{value}"
+        elif name == "mem_gb":
+            flags["mem"] = f"{int(value)}GB" if value == int(value) else f"{int(value * 1024)}MB"
+        elif name != "slurm_srun_args":
+            flags[SBATCH_NAMES.get(name, name.removeprefix("slurm_"))] = value
+    srun = ["srun", "--unbuffered", "--output", str(folder / "%j_%t_log.out"), "--error",
+            str(folder / "%j_%t_log.err"), *parameters.get("slurm_srun_args", [])]
+    lines = ["#!/bin/bash", "", "# Parameters"]
+    lines += [f"#SBATCH --{key.replace('_', '-')}={shlex.quote(str(flags[key]))}" for key in sorted(flags)]
+    lines += ["", "# command", "export SUBMITIT_EXECUTOR=slurm",
+              f"{shlex.join(srun)} {shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}",
+              ""]
+    return "\n".join(lines)
+
+
 def describe_tasks(parameters: dict) -> str:
     """The per-task environment each task will set (`audioldm_dist.engine.distributed.task_environment`)."""
     tasks, nodes = parameters["tasks_per_node"], parameters["nodes"]
@@ -181,19 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"launch/slurm.py: error: {error}", file=sys.stderr)
         return 2
-    from audioldm_dist.engine.slurm_task import TrainingTask
-
     if args.dry_run:
-        import submitit
-
-        executor = submitit.AutoExecutor(folder=str(run_dir / "slurm" / "%j"), cluster="slurm",
-                                         slurm_max_num_timeout=args.max_requeues)
-        executor.update_parameters(**parameters)
-        inner = executor._executor  # submitit has no public "render the script" call
-        print(inner._make_submission_file_text(inner._submitit_command_str, "dry-run"))
+        print(sbatch_script(parameters, folder=run_dir / "slurm" / "%j"))
         print(describe_tasks(parameters))
         print("train.py arguments: " + " ".join(train_argv))
         return 0
+    from launch.slurm_task import TrainingTask
+
     run_dir.mkdir(parents=True, exist_ok=True)
     executor = make_executor(args, run_dir=run_dir, parameters=parameters)
     job = executor.submit(TrainingTask(train_argv, run_dir=str(run_dir)))

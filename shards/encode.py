@@ -29,17 +29,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from audioldm_dist.config import Config, to_dict
 from audioldm_dist.data import encoded, schema
 from audioldm_dist.data.audio import AudioDecodeError, decode
 from audioldm_dist.data.batch import make_sample
-from audioldm_dist.data.features import MelFeatures
+from audioldm_dist.data.melspec import MelFeatures
 from audioldm_dist.data.sources import ShardInfo, resolve_specs
-from audioldm_dist.data.stream import detect_encoding, read_segment
-from shards.make import OPTIONS_FILE, _check_output_folder, progress_bar
+from audioldm_dist.data.shard_reader import detect_encoding, read_segment
+from shards.make import OPTIONS_FILE, check_output_folder, progress_bar
 from shards.manifest import Manifest, ShardEntry, write_manifest
 from shards.pool import report, task_runner
 from shards.writer import STATE_DIR, ShardRecord, completed_record, write_tar
@@ -259,7 +258,7 @@ def _claim_output_folder(out_dir: Path, *, options: EncodeOptions, source: dict,
                          wait_seconds: float) -> None:
     """Rank 0 checks (or claims) the folder as make-shards does; the other ranks wait until it has."""
     if rank == 0:
-        _check_output_folder(out_dir, options=options, source=source, overwrite=overwrite, remove_stale=False)
+        check_output_folder(out_dir, options=options, source=source, overwrite=overwrite, remove_stale=False)
         return
     wanted = {"options": asdict(options), "source": source}
     path = out_dir / STATE_DIR / OPTIONS_FILE

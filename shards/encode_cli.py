@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from audioldm_dist.config import load_config
 from audioldm_dist.data.encoded import EncodingMismatchError
+from audioldm_dist.engine.distributed import DistEnv
 from audioldm_dist.fileio import DiskFullError
 from shards.encode import EncodeOptions, encode_shards
 from shards.cli import failure_status
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"missing {', '.join(missing)} (or use --verify OUT)")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))  # as engine/distributed.DistEnv
-    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    env = DistEnv.from_environ()  # RANK/WORLD_SIZE (deepspeed, torchrun) or SLURM_PROCID/SLURM_NTASKS (srun)
+    rank, world_size = env.rank, env.world_size
     try:
         config = load_config(args.config, args.set)
         options = EncodeOptions(prefix=args.prefix, storage=args.storage, crop_hop=args.crop_hop,

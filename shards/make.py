@@ -66,8 +66,8 @@ def progress_bar(*, total: int, desc: str, show: bool) -> Iterator[ProgressCallb
         bar.close()
 
 
-def _check_output_folder(out_dir: Path, *, options, source: dict, overwrite: bool,
-                         remove_stale: bool = True) -> None:
+def check_output_folder(out_dir: Path, *, options, source: dict, overwrite: bool,
+                        remove_stale: bool = True) -> None:
     """Refuses to mix shards of different inputs/options in one folder, which would corrupt the set.
     `options` is a dataclass with a `prefix` (make-shards' ShardOptions, encode-shards' EncodeOptions);
     `remove_stale=False` leaves temp files of killed runs to their owners (several ranks share the folder)."""
@@ -106,7 +106,7 @@ def make_shards(*, metadata_root: str | Path, dataset: str, split: str, out_dir:
     if not entries:
         raise ValueError(f"{root.split_path(dataset, split)}: split {split!r} of {dataset!r} has no entries")
     source = {"metadata_root": str(root.path), "dataset": dataset, "split": split}
-    _check_output_folder(out_dir, options=options, source=source, overwrite=overwrite)
+    check_output_folder(out_dir, options=options, source=source, overwrite=overwrite)
     ordered = order_entries(entries, options)
 
     started = time.perf_counter()

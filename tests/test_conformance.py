@@ -10,7 +10,7 @@ import torch
 
 from audioldm_dist.config import load_config
 from audioldm_dist.data.audio import resample
-from audioldm_dist.data.features import MelFeatures, waveform_to_features
+from audioldm_dist.data.melspec import MelFeatures, waveform_to_features
 from audioldm_dist.demo_data import NOTE_NAMES, make_clip
 from audioldm_dist.eval import conformance
 from audioldm_dist.eval.cli import main as eval_main

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from audioldm_dist.build import build_model_with_weights, tokenizer_captions
+from audioldm_dist.build import build_model_with_weights, check_encoded_shards, tokenizer_captions
 from audioldm_dist.config import load_config
 from audioldm_dist.data.encoded import EncodingMismatchError
 from audioldm_dist.data.sources import resolve_specs
-from audioldm_dist.engine.trainer import _check_encoded_shards
 from shards.encode import crop_starts
 from shards.encode_cli import main as encode_main
 from shards.manifest import Manifest
@@ -72,7 +71,7 @@ def test_shards_encoded_with_another_vae_are_refused_naming_both_fingerprints(tr
                                         reload_from_ckpt=None, resuming=False)
     found = Manifest.load(tmp_path / "other").source["encoding"]
     with pytest.raises(EncodingMismatchError, match="encoded with other weights") as error:
-        _check_encoded_shards(model, config, shards)
+        check_encoded_shards(shards, model=model, config=config)
     assert found["fingerprint"] in str(error.value) and f"vae {found['vae']} there" in str(error.value)
     assert found["conditioner"] not in str(error.value)  # only the part that differs is named
 

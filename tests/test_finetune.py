@@ -104,7 +104,7 @@ def test_finetuning_a_released_layout_keeps_scale_vocoder_and_clap(train_shards:
 def test_vae_reload_from_ckpt_reads_the_first_stage_only(tmp_path: Path) -> None:
     """The two-stage recipe: a VAE run's export (any UNet in it, here of another width) gives the LDM stage its
     VAE and nothing else, as the original's first_stage_config reload_from_ckpt."""
-    from audioldm_dist.engine.trainer import build_model_with_weights
+    from audioldm_dist.build import build_model_with_weights
 
     torch.manual_seed(5)
     stage1 = AudioLDM(load_config(ROOT / "configs" / "tiny.yaml", ["unet.model_channels=64"]))

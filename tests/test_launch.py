@@ -2,25 +2,54 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from audioldm_dist.engine.distributed import DistEnv, port_for_job, slurm_first_host, task_environment
+from audioldm_dist.engine.distributed import DistEnv, expand_hostlist, port_for_job, slurm_first_host, task_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 import slurm as launcher  # noqa: E402  (launch/slurm.py is a script, imported for its functions)
 
 
-def test_node_lists_expand_as_slurm_does() -> None:
-    from submitit.slurm.slurm import _parse_node_list
+NODE_LISTS = {
+    "gpu[01-03,07],cpu5": ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"],
+    "cpu5,gpu[01-03]": ["cpu5", "gpu01", "gpu02", "gpu03"],
+    "n[8-10],x[08-10]": ["n8", "n9", "n10", "x08", "x09", "x10"],  # a range keeps the digits of its start
+    "r[1-2]n[1,3]": ["r1n1", "r1n3", "r2n1", "r2n3"],  # several groups: their product
+    "node7": ["node7"],
+    "a, b[2]": ["a", "b2"],
+}
 
-    assert _parse_node_list("gpu[01-03,07],cpu5") == ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]
-    assert slurm_first_host("gpu[01-03,07],cpu5") == "gpu01"
-    assert slurm_first_host("cpu5,gpu[01-03]") == "cpu5"
+
+@pytest.mark.parametrize("nodelist", NODE_LISTS)
+def test_node_lists_expand_as_slurm_does(nodelist: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert expand_hostlist(nodelist) == NODE_LISTS[nodelist]
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: slurm_first_host uses expand_hostlist
+    assert slurm_first_host(nodelist) == NODE_LISTS[nodelist][0]
+
+
+@pytest.mark.parametrize("nodelist", ["gpu[01-03", "gpu]1", "gpu[[1]]", "gpu[a-b]", "gpu[3-1]", "gpu[1-]"])
+def test_a_malformed_node_list_is_an_error_naming_it(nodelist: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(repr(nodelist))):
+        expand_hostlist(nodelist)
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs SLURM's scontrol")
+def test_node_lists_expand_as_scontrol_does(tmp_path: Path) -> None:
+    """SLURM's own expansion, with a minimal slurm.conf (scontrol show hostnames needs one, not a controller)."""
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nNodeName=n1 CPUs=1\nPartitionName=p Nodes=n1\n")
+    for nodelist, hosts in NODE_LISTS.items():
+        result = subprocess.run(["scontrol", "show", "hostnames", nodelist.replace(" ", "")], capture_output=True,
+                                text=True, timeout=60, env={**os.environ, "SLURM_CONF": str(conf)})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == hosts == expand_hostlist(nodelist)
 
 
 def test_task_environment_for_several_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,7 +96,8 @@ TRAIN = ["--config", "configs/tiny.yaml", "--deepspeed_config", "configs/ds/zero
 
 def test_dry_run_prints_the_sbatch_script_and_task_environment(tmp_path: Path) -> None:
     result = _run_launcher("--nodes", "8", "--gpus-per-node", "8", "--partition", "gpu", "--time", "48:00:00",
-                           "--dry-run", "--", *TRAIN, "--run-dir", str(tmp_path / "run"))
+                           "--dry-run", "--", *TRAIN, "--run-dir", str(tmp_path / "run"),
+                           path=str(tmp_path))  # no SLURM needed to see the script
     assert result.returncode == 0, result.stderr
     for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=gpu", "#SBATCH --time=2880", "#SBATCH --signal=USR2@180",
@@ -95,7 +125,7 @@ def test_requeue_only_after_progress(tmp_path: Path) -> None:
     (a crash loop) → None, and submitit ends the job instead of requeueing it."""
     import json
 
-    from audioldm_dist.engine.slurm_task import TrainingTask, latest_step
+    from launch.slurm_task import TrainingTask, latest_step
 
     tag = tmp_path / "checkpoints" / "global_step5"
     tag.mkdir(parents=True)

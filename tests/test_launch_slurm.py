@@ -14,6 +14,9 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+import slurm as launcher  # noqa: E402  (launch/slurm.py is a script, imported for its functions)
+
 MAX_STEPS = 16
 
 
@@ -54,6 +57,17 @@ def test_two_nodes_train_to_completion_and_checkpoint(uninterrupted: Path) -> No
     # one task per node, and the master found as the first node's NodeAddr (node names do not resolve here)
     assert re.search(r"task 0/2 on node node1 .*master 127\.0\.0\.1:\d+", logs), logs[-3000:]
     assert re.search(r"task 1/2 on node node2 .*master 127\.0\.0\.1:\d+", logs), logs[-3000:]
+
+
+def test_dry_run_prints_the_script_that_submitit_submitted(uninterrupted: Path) -> None:
+    """`--dry-run` renders the script itself (no submitit internals): it must be the one submitit wrote."""
+    (submitted,) = (uninterrupted / "slurm").glob("*/*_submission.sh")
+    text = submitted.read_text()
+    cpus = re.search(r"#SBATCH --cpus-per-task=(\d+)", text).group(1)  # from sinfo at submission
+    args = launcher.build_parser().parse_args(["--nodes", "2", "--tasks-per-node", "1", "--partition", "debug",
+                                               "--time", "30", "--cpus-per-task", cpus, "--signal-delay", "180"])
+    parameters = launcher.executor_parameters(args, run_dir=uninterrupted.resolve(), node_cpus=None)
+    assert launcher.sbatch_script(parameters, folder=uninterrupted.resolve() / "slurm" / "%j") == text
 
 
 def test_pre_timeout_signal_saves_requeues_and_resumes_to_the_same_end(slurm_cluster, uninterrupted: Path,

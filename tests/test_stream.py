@@ -252,7 +252,7 @@ def test_weights_mix_sources_by_reads_per_epoch(demo_root: Path, train_shards: P
 
 
 def test_waveform_only_batches_give_the_same_features_on_the_trainer_side(train_shards: Path) -> None:
-    from audioldm_dist.data.features import MelFeatures
+    from audioldm_dist.data.melspec import MelFeatures
 
     full = next(iter(_stream(train_shards, max_epochs=1)))
     lean = next(iter(_stream(train_shards, max_epochs=1, features_in_loader=False)))

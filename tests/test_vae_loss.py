@@ -20,7 +20,7 @@ from audioldm_dist.config import VAEConfig
 from audioldm_dist.models.discriminator import NLayerDiscriminator
 from audioldm_dist.models.lpips import LPIPS, load_lpips, random_lpips
 from audioldm_dist.models.vae import AutoencoderKL
-from audioldm_dist.objectives import discriminator_loss, disc_factor, generator_loss
+from audioldm_dist.engine.objectives import discriminator_loss, disc_factor, generator_loss
 
 KL_WEIGHT, DISC_WEIGHT, DISC_START = 1000.0, 0.5, 5
 

@@ -1,1 +1,1 @@
-"""Data: metadata, audio, features, the shard schema and the streaming pipeline."""
+"""Data: metadata, audio, log-mel features (`melspec`), the shard schema, the tar reader and the streaming pipeline."""

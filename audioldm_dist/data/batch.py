@@ -14,7 +14,7 @@ import torch
 
 from audioldm_dist.config import AudioConfig
 from audioldm_dist.data.audio import downmix
-from audioldm_dist.data.features import MelFeatures, waveform_to_features
+from audioldm_dist.data.melspec import MelFeatures, waveform_to_features
 from audioldm_dist.data.metadata import LabelIndex
 
 

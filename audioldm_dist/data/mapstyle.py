@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from audioldm_dist.config import AudioConfig
 from audioldm_dist.data.audio import AudioDecodeError, decode
 from audioldm_dist.data.batch import make_sample
-from audioldm_dist.data.features import MelFeatures
+from audioldm_dist.data.melspec import MelFeatures
 from audioldm_dist.data.metadata import AudioEntry, DatasetRoot, LabelIndex
 
 log = logging.getLogger(__name__)

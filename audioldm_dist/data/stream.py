@@ -2,13 +2,13 @@
 
 Which consumer reads which samples in which order is decided in `stream_plan` (read its docstring for
 the guarantees). This module does the I/O: it streams each consumer's segments of tar files (local
-paths or `pipe:` commands, through webdataset's `gopen`), passes the raw samples through the seeded
+paths or `pipe:` commands, through `shard_reader.read_segment`), passes the raw samples through the seeded
 shuffle buffer, decodes after the buffer, and yields ready batches; the DataLoader is used with
 `batch_size=None`. Faults never stop the run: a sample that fails to decode is replaced in its batch by
 another sample of the same batch, an unreadable tar member or a missing/truncated shard turns the rest
 of that shard's segment into placeholders that are skipped the same way, so every rank still yields
 the same number of batches (no hang). All of it is counted, with rate-limited warnings; the loader
-stops with an error only when the failed fraction exceeds `max_failed_fraction`.
+stops with an error only when the failed fraction exceeds `max_failed_fraction` (data.max_failed_fraction).
 Encoded shards (encode-shards, `StreamOptions.encoding`) go through the same plan, shuffle, resume and fault
 handling; only the per-sample decode differs (`data/encoded.py`: stored posterior and embeddings, no audio).
 """
@@ -21,24 +21,22 @@ import logging
 import multiprocessing
 import multiprocessing.forkserver
 import signal
-import tarfile
 import threading
-import time
 from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 
 from audioldm_dist.config import AudioConfig, DataConfig
 from audioldm_dist.data import schema
 from audioldm_dist.data.audio import AudioDecodeError, decode
 from audioldm_dist.data.batch import collate, make_sample, padding_sample
-from audioldm_dist.data.encoded import ENCODING, EncodingMismatchError, encoded_sample, is_encoded
-from audioldm_dist.data.features import MelFeatures
+from audioldm_dist.data.encoded import EncodingMismatchError, encoded_sample, is_encoded
+from audioldm_dist.data.melspec import MelFeatures
 from audioldm_dist.data.metadata import LabelIndex
+from audioldm_dist.data.shard_reader import read_segment, warn_rate_limited
 from audioldm_dist.data.sources import ShardInfo, shards_fingerprint
 from audioldm_dist.data.stream_plan import (Plan, Segment, StreamState, consumed_items, consumer_rng, epoch_segments,
                                             make_plan, shuffled, subtract, worker_batches)
@@ -92,87 +90,6 @@ def loader_options(data: DataConfig, *, device: torch.device) -> dict:
             "max_failed_fraction": data.max_failed_fraction, "allow_shard_sharing": data.allow_shard_sharing}
 
 
-class _RateLimitedWarnings:
-    """The first 10 warnings of a process, then one every 100: a bad shard must not flood the log."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self, message: str, *args) -> None:
-        self.count += 1
-        if self.count <= 10 or self.count % 100 == 0:
-            log.warning(message + (" (warning %d)" % self.count if self.count > 10 else ""), *args)
-
-
-_warn = _RateLimitedWarnings()
-
-
-def _split_key(name: str) -> tuple[str, str]:
-    """WebDataset's rule: the key is the member name up to the first dot of its base name."""
-    folder, _, base = name.rpartition("/")
-    stem, _, extension = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), extension
-
-
-def read_segment(url: str, start: int, end: int) -> Iterator[tuple[int, dict | None]]:
-    """Samples `start..end-1` of one tar as raw members; placeholders (None) where the tar fails."""
-    next_index = start
-    stream = None
-    try:
-        stream = gopen(url, "rb")
-        index, key, members = -1, None, {}
-        with tarfile.open(fileobj=stream, mode="r|*") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                member_key, extension = _split_key(member.name)
-                if member_key != key:
-                    if key is not None and index >= start:
-                        yield index, members
-                        next_index = index + 1
-                    index, key, members = index + 1, member_key, {}
-                    if index >= end:
-                        break
-                if index >= start:
-                    members[extension] = archive.extractfile(member).read()
-            else:
-                if key is not None and start <= index < end:
-                    yield index, members
-                    next_index = index + 1
-    except Exception as error:  # a missing, truncated or unreadable shard is reported, not fatal
-        _warn("shard %s unreadable after sample %d: %s: %s", url, next_index, type(error).__name__, error)
-    finally:
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # a pipe closed early reports SIGPIPE; nothing is lost
-                pass
-    for index in range(next_index, end):
-        yield index, None
-
-
-def detect_encoding(shards: list[ShardInfo]) -> dict | None:
-    """The encoding fingerprints of encoded shards (from the first sample of the first shard), None for audio
-    shards. Every sample is checked again as it is read (`StreamOptions.encoding`)."""
-    for _, members in read_segment(shards[0].url, 0, 1):
-        if members is None:
-            raise ValueError(f"{shards[0].url}: unreadable, cannot tell audio from encoded shards")
-        if not is_encoded(members):
-            return None
-        return json.loads(members[schema.JSON_EXTENSION]).get(ENCODING, {})
-    return None
-
-
-def captions_for_tokenizer(shards) -> list[str]:
-    """Captions of the training shards: the vocabulary of a random_init (offline, tiny) text encoder."""
-    captions: list[str] = []
-    for shard in shards:
-        for _, members in read_segment(shard.url, 0, shard.num_samples):
-            if members and "json" in members:
-                captions.extend(json.loads(members["json"]).get("captions", []))
-    return sorted(set(captions))
-
-
 class ShardStream(IterableDataset):
     """Batches for one rank. Give it to `make_loader` (or a DataLoader with `batch_size=None`)."""
 
@@ -186,7 +103,8 @@ class ShardStream(IterableDataset):
             raise ValueError(
                 f"{len(shards)} shards for {options.world_size} ranks × {options.consumers_per_rank} workers = "
                 f"{num_consumers} readers: every reader needs at least one shard. Make more, smaller shards "
-                f"(make-shards --max-count), use fewer workers, or set data.allow_shard_sharing=true")
+                f"(make-shards --max-count), use fewer workers (data.num_workers), or set "
+                f"data.allow_shard_sharing=true")
         total = sum(shard.num_samples for shard in shards)
         if options.drop_last and total < options.batch_size * options.world_size:
             raise ValueError(f"{total} samples are fewer than one global batch "
@@ -324,7 +242,7 @@ class ShardStream(IterableDataset):
                                mel=self._mel, labels=self.labels, rng=rng)
         except (AudioDecodeError, ValueError, KeyError) as error:
             counters["failed"] += 1
-            _warn("skipping sample %d of shard %s: %s", index, url, error)
+            warn_rate_limited("skipping sample %d of shard %s: %s", index, url, error, logger=log)
             return None
 
     @property
@@ -359,7 +277,8 @@ class ShardStream(IterableDataset):
         if counters["items"] >= 20 and counters["failed"] > self.options.max_failed_fraction * counters["items"]:
             raise RuntimeError(
                 f"rank {self.options.rank}: {counters['failed']} of {counters['items']} samples failed, more than "
-                f"max_failed_fraction={self.options.max_failed_fraction}; see the warnings above for shards and keys")
+                f"data.max_failed_fraction={self.options.max_failed_fraction}; see the warnings above for shards and "
+                f"keys")
 
 
 class StreamTracker:

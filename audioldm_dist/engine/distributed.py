@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 from contextlib import contextmanager
@@ -128,7 +129,7 @@ def destroy_process_group(*, barrier: bool = True) -> None:
 
 def slurm_first_host(nodelist: str) -> str:
     """The first host of a SLURM node list (`gpu[01-03,07],cpu5` → gpu01): SLURM's own expansion
-    (`scontrol show hostnames`) when scontrol is here, else submitit's parser of the same syntax."""
+    (`scontrol show hostnames`) when scontrol is here, else `expand_hostlist`."""
     import shutil
     import subprocess
 
@@ -136,9 +137,62 @@ def slurm_first_host(nodelist: str) -> str:
         result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60)
         if result.returncode == 0 and result.stdout.split():
             return result.stdout.split()[0]
-    from submitit.slurm.slurm import _parse_node_list
+    hosts = expand_hostlist(nodelist)
+    if not hosts:
+        raise ValueError(f"SLURM node list {nodelist!r} names no host")
+    return hosts[0]
 
-    return _parse_node_list(nodelist)[0]
+
+_BRACKETS = re.compile(r"\[([^\[\]]*)\]")
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """SLURM's hostlist syntax → host names, in order: `node[01-03,7],gpu5` → node01 node02 node03 node7 gpu5.
+
+    A range keeps the digits of its start (`[08-10]` → 08 09 10, `[8-10]` → 8 9 10); several bracket groups in
+    one name expand as their product (`r[1-2]n[1,3]` → r1n1 r1n3 r2n1 r2n3). A malformed list is a ValueError
+    naming it."""
+    return [host for name in _split_outside_brackets(nodelist) for host in _expand_name(name, nodelist=nodelist)]
+
+
+def _split_outside_brackets(nodelist: str) -> list[str]:
+    names, depth, current = [], 0, []
+    for char in nodelist:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise ValueError(f"SLURM node list {nodelist!r}: unbalanced or nested brackets")
+        if char == "," and depth == 0:
+            names.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth:
+        raise ValueError(f"SLURM node list {nodelist!r}: a bracket is not closed")
+    names.append("".join(current))
+    return [name.strip() for name in names if name.strip()]
+
+
+def _expand_name(name: str, *, nodelist: str) -> list[str]:
+    match = _BRACKETS.search(name)
+    if match is None:
+        if "[" in name or "]" in name:
+            raise ValueError(f"SLURM node list {nodelist!r}: unbalanced brackets in {name!r}")
+        return [name]
+    prefix, rest = name[:match.start()], name[match.end():]
+    tails = _expand_name(rest, nodelist=nodelist)
+    return [prefix + value + tail for value in _expand_ranges(match.group(1), nodelist=nodelist) for tail in tails]
+
+
+def _expand_ranges(ranges: str, *, nodelist: str) -> list[str]:
+    """`01-03,7` → 01 02 03 7."""
+    values = []
+    for part in ranges.split(","):
+        start, dash, end = part.strip().partition("-")
+        if not start.isdigit() or (dash and not end.isdigit()) or (dash and int(end) < int(start)):
+            raise ValueError(f"SLURM node list {nodelist!r}: expected N or N-M (M >= N) in brackets, found {part!r}")
+        last = int(end) if dash else int(start)
+        values.extend(str(number).zfill(len(start)) for number in range(int(start), last + 1))
+    return values
 
 
 def node_address(host: str) -> str:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from audioldm_dist.config import Config
 from audioldm_dist.engine.distributed import collective_device
 from audioldm_dist.models.discriminator import NLayerDiscriminator
-from audioldm_dist.objectives import discriminator_loss, disc_factor, generator_loss
+from audioldm_dist.engine.objectives import discriminator_loss, disc_factor, generator_loss
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from audioldm_dist.data.sources import ShardInfo
 from audioldm_dist.data.stream import ShardStream, StreamOptions, make_loader
 from audioldm_dist.diffusion.ema import EMA
 from audioldm_dist.engine.distributed import collective_device
-from audioldm_dist.objectives import Objective
+from audioldm_dist.engine.objectives import Objective
 from audioldm_dist.plots import spectrogram_png
 from audioldm_dist.prompts import safe_name, unique_name
 

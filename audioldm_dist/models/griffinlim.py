@@ -1,6 +1,6 @@
 """Griffin-Lim "vocoder": log-mel (B, mels, frames) → waveform (B, 1, frames × hop), no learned weights.
 
-The inverse of our exact features (`data/features.py`): exp undoes `log(clamp(x, 1e-5))`, the
+The inverse of our exact features (`data/melspec.py`): exp undoes `log(clamp(x, 1e-5))`, the
 pseudo-inverse of the Slaney mel filters gives the least-norm non-negative STFT magnitude (as
 torchaudio's `InverseMelScale`), and Griffin-Lim recovers a phase for the same window and hop. Our
 STFT frames are centred half a hop later than torch's `center=True` frames, so the output is delayed

@@ -8,6 +8,10 @@ boundary on every rank and then hands the signal to submitit's handler, which ca
 here and runs `scontrol requeue`; the requeued job resumes from `latest`. `checkpoint()` refuses to
 requeue (the job ends) when no new checkpoint was written since the job last started: a crash loop
 must not burn the allocation. submitit caps timeouts (`--max-requeues`); preemptions are not capped.
+
+Only launch/ imports submitit. submitit pickles the `TrainingTask` at submission and unpickles it in every
+task, so the tasks import this module as `launch.slurm_task`: from the install of this repository (setup.py's
+packages include `launch`; scripts/setup_env.sh installs it editable) or the job's PYTHONPATH.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import submitit
 
 from audioldm_dist.engine import checkpoint
 from audioldm_dist.engine.distributed import node_address, slurm_first_host, task_environment
+from audioldm_dist.engine.trainer import main as train_main
 
 log = logging.getLogger("audioldm_dist.slurm")
 
@@ -45,9 +50,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
         log.info("task %d/%d on node %s (%s): master %s:%s, run %s, starting from step %s", job.global_rank,
                  job.num_tasks, os.environ.get("SLURMD_NODENAME", "-"), job.hostname, master, os.environ["MASTER_PORT"],
                  self.run_dir, self.step_at_start or 0)
-        from audioldm_dist.engine.trainer import main
-
-        status = main(self.train_argv)
+        status = train_main(self.train_argv)
         if status != 0:
             raise RuntimeError(f"rank {job.global_rank}: train.py {' '.join(self.train_argv)} exited with {status}")
         return status
