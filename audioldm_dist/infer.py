@@ -34,7 +34,7 @@ def resolve_checkpoint(ckpt: str | Path) -> Path:
     """A run directory → its newest checkpoint exported to one file; a file → itself."""
     ckpt = Path(ckpt)
     if ckpt.is_dir():
-        from audioldm_dist.export import export
+        from audioldm_dist.engine.released import export
 
         return export(ckpt)
     if not ckpt.is_file():

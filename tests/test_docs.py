@@ -34,15 +34,6 @@ TOP_LEVEL = {"audioldm_dist", "shards", "launch", "configs", "benchmarks", "test
 """A backticked or linked path whose first part is one of these is a repository path and must exist."""
 PATH_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".json", ".sh", ".ini", ".txt"}
 
-RENAMED_IN_ANOTHER_BRANCH = {
-    "audioldm_dist/data/melspec.py": "audioldm_dist/data/features.py",
-    "audioldm_dist/engine/objectives.py": "audioldm_dist/objectives.py",
-    "audioldm_dist/engine/run_log.py": "audioldm_dist/engine/metrics.py",
-    "launch/slurm_task.py": "audioldm_dist/engine/slurm_task.py",
-}
-"""Paths the docs already name by their new names while the rename is on another branch: the new path or
-the old one must exist. Delete this (and its use in `_exists`) once the rename is merged."""
-
 PACKAGE_MAINS = {"audioldm_dist.eval": "audioldm_dist/eval/cli.py"}
 """`python -m PACKAGE` → the module whose parser its __main__ uses."""
 SCRIPT_PARSERS = {"train.py": "audioldm_dist/engine/trainer.py", "benchmarks/gpu_check.sh": "benchmarks/gpu_check.py",
@@ -296,8 +287,7 @@ def _exists(relative: str) -> bool:
     relative = relative.rstrip("/")
     if "*" in relative:
         return any(ROOT.glob(relative))
-    return (ROOT / relative).exists() or (relative in RENAMED_IN_ANOTHER_BRANCH
-                                          and (ROOT / RENAMED_IN_ANOTHER_BRANCH[relative]).exists())
+    return (ROOT / relative).exists()
 
 
 def _repo_path(word: str) -> str | None:

@@ -37,7 +37,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from audioldm_dist.config import load_config
-    from audioldm_dist.export import PREFIX
+    from audioldm_dist.engine.released import PREFIX
     from audioldm_dist.ldm import AudioLDM
 
     torch.manual_seed(0)

@@ -140,3 +140,30 @@ def test_no_function_is_longer_than_a_screen() -> None:
     assert len(lengths) > 500  # the whole package was read
     too_long = sorted((length, where) for length, where in lengths if length >= MAX_FUNCTION_LINES)
     assert not too_long, f"functions of {MAX_FUNCTION_LINES} lines or more (split them): {too_long}"
+
+
+IMPORTERS = {"deepspeed": ("audioldm_dist/engine/", "benchmarks/", "tests/"),
+             "submitit": ("launch/", "tests/")}
+"""A third-party package only one layer may import (STYLE.md) → the folders whose files may import it."""
+
+
+def _third_party_importers(package: str) -> list[str]:
+    """Every .py file git tracks that imports `package` (any depth, function-level included)."""
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True)
+    found = []
+    for relative in tracked.stdout.split():
+        for node in ast.walk(ast.parse((ROOT / relative).read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [alias.name for alias in node.names] if isinstance(node, ast.Import) else [])
+            if any(name == package or name.startswith(package + ".") for name in names):
+                found.append(relative)
+                break
+    return found
+
+
+@pytest.mark.parametrize("package", IMPORTERS)
+def test_only_its_layer_imports_a_training_package(package: str) -> None:
+    importers = _third_party_importers(package)
+    assert importers, f"nothing imports {package}: the walk missed the code"
+    outside = [path for path in importers if not path.startswith(IMPORTERS[package])]
+    assert not outside, f"{package} imported outside {IMPORTERS[package]}: {outside}"
