@@ -22,4 +22,7 @@ printf 'torch==2.11.0\ntorchaudio==2.11.0\n' > "$VENV/constraints.txt"
 # is in the dev extra.
 "$VENV/bin/python" -m pip install --quiet --no-deps -c "$VENV/constraints.txt" laion-clap==1.1.7 torchlibrosa==0.1.0 \
   taming-transformers-rom1504==0.0.6
+# DeepSpeed's CPU ops (shared-memory all-reduce, fused Adam, CPU Adam), built once here (~100 s) instead of
+# inside the first training run; they go into this environment (audioldm_dist.engine.distributed.extensions_dir).
+"$VENV/bin/python" -m audioldm_dist.engine.prebuild_ops
 echo "$stamp_value" > "$VENV/.installed"
