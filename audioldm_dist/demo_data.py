@@ -42,6 +42,11 @@ wide below 1 kHz) and its 4× smaller latent hold each on its own rows; the top 
 7.5 kHz."""
 CLICK_FREQUENCIES = (200.0, 800.0, 1200.0)
 NOISE_COLOURS = ("white", "low rumbling")
+CLIP_SECONDS = {"chirp": (0.64, 0.8)}
+"""Clip durations by kind (default 1.5-5 s). A chirp sweeps over its whole clip: a clip just longer than the demo's
+0.64 s training crop puts nearly the whole sweep, low to high or high to low, in every crop; a crop of a 1-5 s
+clip holds a random stretch of it, often a near-steady tone (the demo's chirps scored at chance with those)."""
+DEFAULT_CLIP_SECONDS = (1.5, 5.0)
 
 
 def _envelope(num_samples: int, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
@@ -61,11 +66,23 @@ def _pitch_labels(freq: float) -> list[str]:
     return []
 
 
+SQUARE_TOP_HZ = 7500.0
+"""A square wave's harmonics stop here: below the 8 kHz the model sees, at every native rate. A naive
+sign(sin) square aliases its harmonics above the file's Nyquist back down to rate-dependent frequencies, so
+the same caption would be a different picture at 16, 22.05, 44.1 and 48 kHz."""
+
+
+def _band_limited_square(freq: float, t: np.ndarray) -> np.ndarray:
+    """Odd harmonics k·freq below SQUARE_TOP_HZ with amplitudes 1/k (the Fourier series of a square wave),
+    scaled to a peak near 0.5 as the naive square had."""
+    harmonics = range(1, int(SQUARE_TOP_HZ // freq) + 1, 2)
+    return 0.5 * 4 / np.pi * sum(np.sin(2 * np.pi * k * freq * t) / k for k in harmonics)
+
+
 def _tone(t: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]:
     freq = float(rng.choice(list(NOTE_NAMES)))
     wave = rng.choice(["sine", "square"])
-    phase = 2 * np.pi * freq * t
-    signal = np.sin(phase) if wave == "sine" else np.sign(np.sin(phase)) * 0.5
+    signal = np.sin(2 * np.pi * freq * t) if wave == "sine" else _band_limited_square(freq, t)
     caption = f"A steady {wave} wave tone at {freq:g} Hz, the note {NOTE_NAMES[freq]}"
     return signal, caption, ["/m/demo_tone", *_pitch_labels(freq)]
 
@@ -131,7 +148,7 @@ def make_clip(rng: np.random.Generator, kind: str | None = None) -> dict:
     and label mids."""
     kind = kind or str(rng.choice(list(GENERATORS)))
     sample_rate = int(rng.choice(SAMPLE_RATES))
-    duration = float(rng.uniform(1.5, 5.0))
+    duration = float(rng.uniform(*CLIP_SECONDS.get(kind, DEFAULT_CLIP_SECONDS)))
     t = np.arange(int(sample_rate * duration)) / sample_rate
     signal, caption, labels = GENERATORS[kind](t, sample_rate, rng)
     signal = signal * _envelope(len(t), sample_rate, rng) * rng.uniform(0.3, 0.9)

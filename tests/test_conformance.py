@@ -83,6 +83,17 @@ def test_a_tone_on_the_wrong_note_fails():
 NOTE_NAMES_HZ = {name: hz for hz, name in NOTE_NAMES.items()}
 
 
+def test_a_dimmed_fundamental_is_still_the_pitch():
+    """A3 square whose fundamental a vocoder dimmed below its 3rd harmonic (E5's frequency) is A3; an E5 tone
+    with a faint A3 beside it (20 dB down) stays E5."""
+    caption = "A steady square wave tone at 220 Hz, the note A3"
+    dimmed = tone(220.0) * 0.8 + tone(660.0) + tone(1100.0) * 0.6
+    assert conformance.score({"x": (caption, dimmed)})["clips"][0]["measured"] == "A3"
+    faint = tone(659.26) + tone(220.0) * 0.1
+    assert conformance.score({"x": ("A steady sine wave tone at 659.26 Hz, the note E5", faint)})["clips"][0][
+        "measured"] == "E5"
+
+
 def test_griffin_lim_keeps_what_the_captions_say():
     """Our log-mel → Griffin-Lim → audio: every demo fact the metric measures survives (the demo's vocoder)."""
     config = load_config("configs/demo.yaml")

@@ -14,7 +14,10 @@ the model being judged cannot fool it), and reported per kind next to its chance
 
 The tone's note is its pitch, which for a square wave (or a blurred one) is not always the strongest
 partial: each demo note is scored by the energy within half a semitone of its first three partials,
-weighted 1, 1/2, 1/3 (so a note an octave below does not win on its 2nd partial), and the best wins.
+weighted 1, 1/2, 1/3 (so a note an octave below does not win on its 2nd partial), and the best wins,
+unless a demo note an octave or a twelfth below the winner has a fundamental within 10 dB of the winner's:
+then that lower note is the pitch (a vocoder can dim a low square wave's fundamental until a note built on
+its 3rd harmonic, A3 → E5, collects more energy, and the ear still hears the fundamental).
 
 Chance holds for a model that ignores its captions when the captions are balanced over the choices
 (the demo draws them uniformly): the measured choice is then independent of the expected one.
@@ -41,6 +44,9 @@ ACTIVE_FRACTION = 0.1
 """Frames louder than this fraction of the loudest frame's energy take part in chirp direction."""
 SQUARE_HARMONIC_DB = -20.0
 HALF_SEMITONE = 2 ** (1 / 24) - 1
+SUBHARMONIC_DB = -10.0
+"""How close (dB) the fundamental of a note an octave or a twelfth below the best-scoring one must be for the
+lower note to be the pitch."""
 NOISE_CENTROID_HZ = 1500.0
 
 
@@ -96,12 +102,18 @@ def _peak_hz(spectrum: np.ndarray, freqs: np.ndarray, low: float, high: float) -
 
 
 def _best_note(power: np.ndarray, freqs: np.ndarray) -> str:
-    """The demo note whose harmonic series (partials 1–3, weights 1, 1/2, 1/3) holds the most energy."""
+    """The demo note whose harmonic series (partials 1–3, weights 1, 1/2, 1/3) holds the most energy, or the
+    lowest demo note an octave or a twelfth below it whose own fundamental is within SUBHARMONIC_DB of it."""
     def energy(hz: float) -> float:
         return float(power[np.abs(freqs - hz) <= hz * HALF_SEMITONE].sum())
 
-    scores = {name: sum(energy(k * hz) / k for k in (1, 2, 3)) for hz, name in NOTE_NAMES.items()}
-    return max(scores, key=scores.get)
+    scores = {hz: sum(energy(k * hz) / k for k in (1, 2, 3)) for hz in NOTE_NAMES}
+    best = max(scores, key=scores.get)
+    for lower in sorted(NOTE_NAMES):
+        if (any(abs(best / lower - k) <= k * HALF_SEMITONE for k in (2, 3))
+                and energy(lower) >= energy(best) * 10 ** (SUBHARMONIC_DB / 10)):
+            return NOTE_NAMES[lower]
+    return NOTE_NAMES[best]
 
 
 def _nearest(hz: float, choices: dict[str, float]) -> str:
