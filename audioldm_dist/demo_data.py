@@ -83,19 +83,41 @@ def _tone(t: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarray,
     freq = float(rng.choice(list(NOTE_NAMES)))
     wave = rng.choice(["sine", "square"])
     signal = np.sin(2 * np.pi * freq * t) if wave == "sine" else _band_limited_square(freq, t)
-    caption = f"A steady {wave} wave tone at {freq:g} Hz, the note {NOTE_NAMES[freq]}"
-    return signal, caption, ["/m/demo_tone", *_pitch_labels(freq)]
+    return signal, _tone_caption(str(wave), freq), ["/m/demo_tone", *_pitch_labels(freq)]
+
+
+def _tone_caption(wave: str, freq: float) -> str:
+    return f"A steady {wave} wave tone at {freq:g} Hz, the note {NOTE_NAMES[freq]}"
+
+
+def _chirp_range(rng: np.random.Generator) -> tuple[float, float]:
+    return float(rng.uniform(150, 500)), float(rng.uniform(1500, 4000))
+
+
+def _chirp_caption(start: float, stop: float) -> str:
+    return f"A {'rising' if stop > start else 'falling'} chirp sweeping from {start:.0f} Hz to {stop:.0f} Hz"
 
 
 def _chirp(t: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]:
-    low, high = float(rng.uniform(150, 500)), float(rng.uniform(1500, 4000))
-    rising = bool(rng.integers(2))
-    start, stop = (low, high) if rising else (high, low)
+    low, high = _chirp_range(rng)
+    start, stop = (low, high) if rng.integers(2) else (high, low)
     duration = t[-1] + 1.0 / sr
     freq = start * (stop / start) ** (t / duration)
     phase = 2 * np.pi * np.cumsum(freq) / sr
-    direction = "rising" if rising else "falling"
-    return np.sin(phase), f"A {direction} chirp sweeping from {start:.0f} Hz to {stop:.0f} Hz", ["/m/demo_chirp"]
+    return np.sin(phase), _chirp_caption(start, stop), ["/m/demo_chirp"]
+
+
+def balanced_captions(repeats: int = 2, seed: int = 0) -> list[tuple[str, str]]:
+    """(name, caption) pairs balanced over what caption conformance measures: every note × wave `repeats`
+    times, and 10 × `repeats` chirps, half rising, half falling (end points drawn as the generator draws
+    them). A small split drawn at random is not balanced: the demo's test split has 7 falling chirps of 8."""
+    rng = np.random.default_rng(seed)
+    pairs = [(f"tone_{NOTE_NAMES[freq]}_{wave}_{repeat}", _tone_caption(wave, freq))
+             for repeat in range(repeats) for freq in NOTE_NAMES for wave in ("sine", "square")]
+    for i in range(10 * repeats):
+        low, high = _chirp_range(rng)
+        pairs.append((f"chirp_{i}", _chirp_caption(*((low, high) if i % 2 == 0 else (high, low)))))
+    return pairs
 
 
 def _noise(t: np.ndarray, sr: int, rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]:

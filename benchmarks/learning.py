@@ -6,7 +6,8 @@ minutes of training, so a change that breaks learning shows up as numbers.
 Runs `scripts/demo.sh DIR` (both stages on 2 CPU ranks, the VAE then the latent diffusion model) with
 validation every `--val-every` LDM steps, then, for every validation step, scores the EMA samples of the
 val captions with the conformance metric (`python -m audioldm_dist.eval --conformance`) beside the
-validation loss, and finally the test-caption samples. Minutes are LDM training time: the sum of the
+validation loss, then the test-caption samples, and samples of captions balanced over the notes, waves
+and chirp directions (`demo_data.balanced_captions`: the demo's small test split is not balanced). Minutes are LDM training time: the sum of the
 logged step times up to that step (start-up, validation and checkpoints left out); the VAE's
 minutes are printed apart. Last, the caption use of the final model (`caption_use`). Prints a markdown
 table, writes DIR/learning.png, then one JSON line.
@@ -51,6 +52,20 @@ def rows_for(out: Path) -> list[dict]:
         rows.append({"step": step, "minutes": round(minutes_at(records, step), 2), "val_loss": val_loss.get(step),
                      **accuracy(folder)})
     return rows
+
+
+def balanced(out: Path) -> dict[str, float | None]:
+    """Conformance of the final export's samples of `balanced_captions()` (2 ranks, the demo's settings)."""
+    from audioldm_dist.demo_data import balanced_captions
+
+    captions = out / "balanced_captions.lst"
+    captions.write_text("".join(f"{name}|{caption}\n" for name, caption in balanced_captions()))
+    checkpoint = max((out / "run").glob("export_global_step*.ckpt"), key=lambda path: step_of(Path(path.stem)))
+    subprocess.run([str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", "2", "--module", "audioldm_dist.infer",
+                    "--config", str(ROOT / "configs/demo.yaml"), "--ckpt", str(checkpoint), "--list_inference",
+                    str(captions), "--out", str(out / "balanced_samples"), "--batch_size", "12"],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return accuracy(out / "balanced_samples")
 
 
 def caption_use(out: Path, *, repeats: int = 4) -> float:
@@ -127,6 +142,7 @@ def main() -> int:
     rows = rows_for(args.out)
     vae_minutes = minutes_at(read_records(args.out / "vae"), 10**9)
     test = accuracy(args.out / "samples")
+    even = balanced(args.out)
     use = caption_use(args.out)
     print(f"## Learning on the demo set (VAE stage: {vae_minutes:.1f} min before these)\n")
     print("| LDM step | minutes | val loss | tone note (chance 14%) | chirp direction (chance 50%) |")
@@ -134,13 +150,14 @@ def main() -> int:
     for row in rows:
         print(f"| {row['step']} | {row['minutes']:.1f} | {row['val_loss']:.4f} | {cell(row['tone note'])} | "
               f"{cell(row['chirp direction'])} |")
-    print(f"| test captions (final) | | | {cell(test['tone note'])} | {cell(test['chirp direction'])} |\n")
+    print(f"| test captions (final) | | | {cell(test['tone note'])} | {cell(test['chirp direction'])} |")
+    print(f"| balanced captions (final) | | | {cell(even['tone note'])} | {cell(even['chirp direction'])} |\n")
     print(f"caption use (final model): val loss {use:+.1f}% with every caption swapped for another's "
           f"(0%: the captions are ignored)\n")
     plot(rows, args.out / "learning.png")
     print(f"plot: {args.out / 'learning.png'}")
     print(json.dumps({"benchmark": "learning", "vae_minutes": round(vae_minutes, 2), "validation": rows, "caption_use_percent": round(use, 2),
-                      "test": test}))
+                      "test": test, "balanced": even}))
     return 0
 
 

@@ -28,3 +28,17 @@ def test_layout_mixes_rates_channels_and_formats(demo_root: Path) -> None:
     assert {info.samplerate for info in infos} == {16000, 22050, 44100, 48000}
     assert {info.channels for info in infos} == {1, 2}
     assert {p.suffix for p in audio_files} == {".wav", ".flac"}
+
+
+def test_balanced_captions_hold_every_choice_equally_often() -> None:
+    from collections import Counter
+
+    from audioldm_dist.demo_data import NOTE_NAMES, balanced_captions
+    from audioldm_dist.eval.conformance import checks_for
+
+    pairs = balanced_captions(repeats=2)
+    assert len({name for name, _ in pairs}) == len(pairs)
+    expected = Counter((check.kind, check.expected) for _, caption in pairs for check in checks_for(caption))
+    assert {expected[("tone note", note)] for note in NOTE_NAMES.values()} == {4}
+    assert expected[("tone wave", "sine")] == expected[("tone wave", "square")] == 14
+    assert expected[("chirp direction", "rising")] == expected[("chirp direction", "falling")] == 10
