@@ -10,7 +10,8 @@ validation loss, then the test-caption samples, and samples of captions balanced
 and chirp directions (`demo_data.balanced_captions`: the demo's small test split is not balanced). Minutes are LDM training time: the sum of the
 logged step times up to that step (start-up, validation and checkpoints left out); the VAE's
 minutes are printed apart. Last, the caption use of the final model (`caption_use`). Prints a markdown
-table, writes DIR/learning.png, then one JSON line.
+table, writes DIR/learning.png and DIR/samples.png (log-mel pictures of six balanced-caption samples), then
+one JSON line.
 `--reuse` analyses an existing DIR without training.
 """
 from __future__ import annotations
@@ -66,6 +67,40 @@ def balanced(out: Path) -> dict[str, float | None]:
                     str(captions), "--out", str(out / "balanced_samples"), "--batch_size", "12"],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return accuracy(out / "balanced_samples")
+
+
+def sample_grid(folder: Path, names: list[str], path: Path) -> None:
+    """Log-mel pictures of `names` in `folder`, two rows, each titled with its caption and what conformance
+    measured on it (the report's spectrogram_png)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from audioldm_dist.config import load_config
+    from audioldm_dist.data.melspec import MelFeatures
+    from audioldm_dist.eval.files import load_mono
+    from audioldm_dist.plots import spectrogram_png
+
+    audio = load_config(ROOT / "configs/demo.yaml").audio
+    mel = MelFeatures(audio)
+    verdicts: dict[str, list[dict]] = {}
+    for clip in json.loads(Path(f"{folder}.conformance.json").read_text())["clips"]:
+        verdicts.setdefault(clip["name"], []).append(clip)
+    tiles = []
+    for name in names:
+        waveform, _ = load_mono(list_clips(folder)[name], min_seconds=0.0)
+        log_mel, _ = mel(torch.from_numpy(np.asarray(waveform, dtype=np.float32)))
+        checks = verdicts[name]
+        title = f"{checks[0]['caption']} (measured: {', '.join(c['measured'] for c in checks)})"
+        tiles.append(Image.open(io.BytesIO(spectrogram_png(log_mel, audio=audio, mel_basis=mel.mel_basis, title=title))))
+    width, height = tiles[0].size
+    columns = (len(tiles) + 1) // 2
+    grid = Image.new("RGB", (columns * width, 2 * height), "white")
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % columns) * width, (i // columns) * height))
+    grid.resize((grid.width * 2 // 3, grid.height * 2 // 3)).save(path)
 
 
 def caption_use(out: Path, *, repeats: int = 4) -> float:
@@ -155,7 +190,9 @@ def main() -> int:
     print(f"caption use (final model): val loss {use:+.1f}% with every caption swapped for another's "
           f"(0%: the captions are ignored)\n")
     plot(rows, args.out / "learning.png")
-    print(f"plot: {args.out / 'learning.png'}")
+    sample_grid(args.out / "balanced_samples", ["tone_A3_sine_0", "tone_E5_square_0", "tone_A6_sine_0", "chirp_0",
+                                                 "chirp_1", "chirp_2"], args.out / "samples.png")
+    print(f"plots: {args.out / 'learning.png'}, {args.out / 'samples.png'} (balanced-caption samples)")
     print(json.dumps({"benchmark": "learning", "vae_minutes": round(vae_minutes, 2), "validation": rows, "caption_use_percent": round(use, 2),
                       "test": test, "balanced": even}))
     return 0
