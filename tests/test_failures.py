@@ -87,7 +87,7 @@ def test_data_error_on_both_ranks_ends_the_job(train_shards: Path, tmp_path: Pat
     output = _finish(_start(tmp_path / "run", shards, max_steps=20))
     # The loader's own error (too many failed samples, or a batch with none decodable), as the one-line reason.
     assert re.search(r"rank \d: training failed: in a DataLoader worker: RuntimeError: rank \d: .*(more than "
-                     r"max_failed_fraction=0.05|no decodable sample in a whole batch)", output), output[-4000:]
+                     r"data\.max_failed_fraction=0.05|no decodable sample in a whole batch)", output), output[-4000:]
     assert time.monotonic() - started < JOB_SECONDS + 30
     assert "exits with return code = 1" in output, output[-3000:]
 
