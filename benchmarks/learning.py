@@ -55,13 +55,18 @@ def rows_for(out: Path) -> list[dict]:
     return rows
 
 
+def final_export(out: Path) -> Path:
+    """The run's newest exported checkpoint (the demo exports its last step)."""
+    return max((out / "run").glob("export_global_step*.ckpt"), key=lambda path: step_of(Path(path.stem)))
+
+
 def balanced(out: Path) -> dict[str, float | None]:
     """Conformance of the final export's samples of `balanced_captions()` (2 ranks, the demo's settings)."""
     from audioldm_dist.demo_data import balanced_captions
 
     captions = out / "balanced_captions.lst"
     captions.write_text("".join(f"{name}|{caption}\n" for name, caption in balanced_captions()))
-    checkpoint = max((out / "run").glob("export_global_step*.ckpt"), key=lambda path: step_of(Path(path.stem)))
+    checkpoint = final_export(out)
     subprocess.run([str(ROOT / ".venv/bin/deepspeed"), "--num_gpus", "2", "--module", "audioldm_dist.infer",
                     "--config", str(ROOT / "configs/demo.yaml"), "--ckpt", str(checkpoint), "--list_inference",
                     str(captions), "--out", str(out / "balanced_samples"), "--batch_size", "12"],
@@ -117,7 +122,7 @@ def caption_use(out: Path, *, repeats: int = 4) -> float:
     from audioldm_dist.ldm import AudioLDM
     from audioldm_dist.pretrained import load_pretrained, read_export_metadata
 
-    checkpoint = max((out / "run").glob("export_global_step*.ckpt"), key=lambda path: step_of(Path(path.stem)))
+    checkpoint = final_export(out)
     config = from_dict(Config, json.loads((out / "run" / "config.json").read_text()), where="run config.json")
     model = AudioLDM(config, captions=read_export_metadata(checkpoint).get("captions"), load_conditioner_weights=False)
     load_pretrained(model, checkpoint)
